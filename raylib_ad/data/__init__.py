@@ -1,0 +1,49 @@
+"""Datasets as manifests (one pyarrow row per image) and the decoding of their images."""
+
+from .layouts import (
+    DATA_KINDS,
+    IMAGE_EXTENSIONS,
+    build_manifest,
+    folder_manifest,
+    magnetic_tile_manifest,
+    mvtec_manifest,
+    seeded_split,
+    split_file_manifest,
+)
+from .manifest import MANIFEST_SCHEMA, make_manifest, split_counts, validate_manifest
+from .mvtec import MVTEC_CATEGORIES, ensure_mvtec
+from .synthetic import ensure_synthetic
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchDecoder,
+    decode_all,
+    load_image,
+    load_mask,
+    normalize,
+)
+
+__all__ = [
+    "DATA_KINDS",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MANIFEST_SCHEMA",
+    "MVTEC_CATEGORIES",
+    "BatchDecoder",
+    "build_manifest",
+    "decode_all",
+    "ensure_mvtec",
+    "ensure_synthetic",
+    "folder_manifest",
+    "load_image",
+    "load_mask",
+    "magnetic_tile_manifest",
+    "make_manifest",
+    "mvtec_manifest",
+    "normalize",
+    "seeded_split",
+    "split_counts",
+    "split_file_manifest",
+    "validate_manifest",
+]

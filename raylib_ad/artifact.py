@@ -1,0 +1,142 @@
+"""The trained model as one directory, loadable anywhere without Ray:
+
+    config.json          model name, backbone, layers, image size, normalization mean/std, settings
+    weights.safetensors  every tensor of the model (backbone included: no download at load time)
+    stats.json           deployment threshold and normalization statistics (image and pixel), with the
+                         evaluation metrics they came with
+
+Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written model where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from raylib_ad.errors import DataError
+from raylib_ad.models import AnomalyModel, create_model
+from raylib_ad.postprocess.normalization import NormalizationStats, normalize
+
+CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "weights.safetensors", "stats.json"
+
+
+def write_model_dir(model: AnomalyModel, directory: str | os.PathLike, stats: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(model.config(), indent=2))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        if stats is not None:
+            (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def write_stats(directory: str | os.PathLike, stats: dict) -> None:
+    path = Path(directory) / STATS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(stats, indent=2))
+    os.replace(tmp, path)
+
+
+def read_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> AnomalyModel:
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise DataError(f"{directory} is not a raylib_ad model directory: {name} is missing")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    model = create_model(config["model"], backbone=config["backbone"], layers=config["layers"],
+                         image_size=config["image_size"], seed=config.get("seed", 0), pretrained=False,
+                         **config["settings"])
+    load_state_resizing(model, load_file(str(directory / WEIGHTS_FILE)))
+    return model.to(device).eval()
+
+
+def load_state_resizing(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict, except that buffers sized by the fit (memory banks, PCA components) take the
+    saved shape instead of failing on the empty placeholder shape of a fresh model."""
+    buffers = dict(module.named_buffers())
+    for key, value in state.items():
+        if key in buffers and buffers[key].shape != value.shape:
+            owner_name, _, attr = key.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            owner._buffers[attr] = torch.empty_like(value)
+    module.load_state_dict(state, strict=True)
+
+
+class TrainedModel:
+    """A fitted model plus its deployment threshold and normalization: what `raylib_ad.load` returns."""
+
+    def __init__(self, model: AnomalyModel, stats: dict | None, directory: Path | None = None):
+        self.model = model
+        self.stats = stats or {}
+        self.directory = directory
+        self.image_stats = NormalizationStats.from_dict(self.stats["image_stats"]) if self.stats.get(
+            "image_stats") else None
+        self.pixel_stats = NormalizationStats.from_dict(self.stats["pixel_stats"]) if self.stats.get(
+            "pixel_stats") else None
+        cfg = model.config()
+        self.image_size, self.mean, self.std = cfg["image_size"], cfg["mean"], cfg["std"]
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def preprocess(self, images: Sequence[np.ndarray | str | os.PathLike]) -> torch.Tensor:
+        """Paths or uint8 arrays (H, W, 3 or H, W) -> a normalized (N, 3, S, S) tensor."""
+        from PIL import Image
+
+        from raylib_ad.data.transforms import load_image, normalize as normalize_pixels
+
+        arrays = []
+        for item in images:
+            if isinstance(item, (str, os.PathLike)):
+                arrays.append(load_image(str(item), self.image_size))
+            else:
+                rgb = Image.fromarray(np.asarray(item, dtype=np.uint8)).convert("RGB")
+                arrays.append(np.asarray(rgb.resize((self.image_size,) * 2, Image.BILINEAR)))
+        return torch.from_numpy(normalize_pixels(np.stack(arrays), self.mean, self.std))
+
+    @torch.no_grad()
+    def predict(self, images: Iterable, with_maps: bool = False) -> list[dict[str, Any]]:
+        """One dict per image: score (raw), normalized_score (0.5 = threshold), is_anomalous, threshold,
+        and with_maps the raw and normalized anomaly maps as numpy arrays (None if the model has none)."""
+        batch = self.preprocess(list(images)).to(self.model.device)
+        out = self.model(batch)
+        results = []
+        for i, score in enumerate(out.score.float().cpu().tolist()):
+            item: dict[str, Any] = {"score": score}
+            if self.image_stats is not None:
+                item["normalized_score"] = float(normalize(score, self.image_stats))
+                item["is_anomalous"] = bool(score >= self.image_stats.threshold)
+                item["threshold"] = self.image_stats.threshold
+            if with_maps:
+                amap = None if out.anomaly_map is None else out.anomaly_map[i].float().cpu().numpy()
+                item["anomaly_map"] = amap
+                stats = self.pixel_stats or self.image_stats
+                item["normalized_map"] = None if amap is None or stats is None else normalize(amap, stats)
+            results.append(item)
+        return results
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
+    """Load a trained model directory (no Ray needed)."""
+    directory = Path(path)
+    stats_path = directory / STATS_FILE
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    return TrainedModel(read_model(directory, device), stats, directory)

@@ -1,0 +1,121 @@
+"""What every model in the zoo is: a plain torch module with a name, defaults and a forward pass.
+
+A model declares its learning type ("memory_bank" models are fitted once over the training set by
+`fit(batches)`; "gradient" models are trained by the shared loop in raylib_ad/train), its anomalib-named
+settings with defaults, and returns an `AnomalyOutput` from `forward(images)` in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raylib_ad.errors import ConfigError
+from raylib_ad.models.components.feature_extractor import FeatureExtractor
+
+
+@dataclass
+class AnomalyOutput:
+    score: torch.Tensor  # (B,) raw image scores: higher = more anomalous
+    anomaly_map: torch.Tensor | None  # (B, H, W) raw pixel scores at input resolution, or None
+
+
+class AnomalyModel(nn.Module):
+    name: ClassVar[str]
+    learning_type: ClassVar[str] = "memory_bank"
+    default_backbone: ClassVar[str]
+    default_layers: ClassVar[tuple[str, ...]]
+    # anomalib's parameter names and defaults; `--set key=value` may override any of them.
+    defaults: ClassVar[dict[str, Any]] = {}
+    produces_maps: ClassVar[bool] = True
+
+    def __init__(self, backbone: str | None = None, layers: Iterable[str] | None = None, *,
+                 pretrained: bool = True, weights: str | None = None, image_size: int = 256,
+                 seed: int = 0, **settings: Any):
+        super().__init__()
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {unknown} for model '{self.name}'; valid: {sorted(self.defaults)}")
+        self.settings = {**self.defaults, **settings}
+        self.backbone_name = backbone or self.default_backbone
+        self.layers = list(layers) if layers else default_layers_for(self.backbone_name, self.default_layers)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.pretrained = pretrained
+        self.feature_extractor = FeatureExtractor(self.backbone_name, self.layers, pretrained=pretrained,
+                                                  weights=weights)
+
+    # -- description -----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this model (the weights come separately)."""
+        return {"model": self.name, "backbone": self.backbone_name, "layers": self.layers,
+                "image_size": self.image_size, "seed": self.seed, "settings": dict(self.settings),
+                "mean": list(self.feature_extractor.mean), "std": list(self.feature_extractor.std)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.feature_extractor.parameters()).device
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(self, batches: Iterable[torch.Tensor], progress: bool = False) -> None:
+        """Memory-bank models: one pass over the (sharded) training images, then a reduction across
+        workers through raylib_ad.distributed. Every worker ends with the same fitted model."""
+        raise NotImplementedError(f"{self.name} is trained by the gradient loop, not fit()")
+
+    # -- shared helpers --------------------------------------------------------------------------
+    def upsample(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) -> (B, 1, S, S) bilinear, as anomalib does before blurring."""
+        return F.interpolate(maps, size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=False)
+
+    def _check_setting(self, key: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.name}: setting {key}={self.settings[key]!r} is invalid; expected {expected}")
+
+
+# Default layers are written with ResNet names; on another backbone the same strides are used.
+_RESNET_STRIDES = {"act1": 2, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def default_layers_for(backbone: str, resnet_layers: Iterable[str]) -> list[str]:
+    """anomalib's default layers, translated by stride to `backbone`'s feature modules
+    (tf_efficientnet_lite0: layer1..4 -> blocks.1, blocks.2, blocks.4, blocks.6)."""
+    from raylib_ad.models.components.feature_extractor import feature_layers
+
+    names, strides = feature_layers(backbone)
+    if all(layer in names for layer in resnet_layers):
+        return list(resnet_layers)
+    by_stride = {}
+    for name, stride in zip(names, strides):
+        by_stride[stride] = name  # the deepest module at each stride
+    return [by_stride[_RESNET_STRIDES[layer]] for layer in resnet_layers]
+
+
+# --- registry (timm-style: models found by a string) ----------------------------------------------
+
+_REGISTRY: dict[str, type[AnomalyModel]] = {}
+
+
+def register_model(cls: type[AnomalyModel]) -> type[AnomalyModel]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type[AnomalyModel]:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown model '{name}'; available: {list_models()}") from None
+
+
+def create_model(name: str, **kwargs: Any) -> AnomalyModel:
+    return model_class(name)(**kwargs)

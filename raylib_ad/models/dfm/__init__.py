@@ -1,0 +1,3 @@
+from raylib_ad.models.dfm.model import DFM
+
+__all__ = ["DFM"]

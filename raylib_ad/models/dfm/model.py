@@ -1,0 +1,72 @@
+"""DFM (Ahuja et al., 2019, "Probabilistic modeling of deep features for out-of-distribution and
+adversarial detection"): PCA of pooled deep features of normal images; anomaly = feature
+reconstruction error ("fre", which also gives a coarse map) or Gaussian negative log-likelihood ("nll").
+
+The fit is exact on any number of workers: moments (sum, sum of outer products) are all-reduced when the
+feature dimension is small; otherwise the feature rows themselves are all-gathered (N x D moves less
+than D x D). Either way the PCA is the one a single process would fit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raylib_ad import distributed
+from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
+from raylib_ad.models.components.gaussian import Moments
+from raylib_ad.models.components.pca import PCA
+from raylib_ad.progress import progress_bar
+
+
+@register_model
+class DFM(AnomalyModel):
+    name = "dfm"
+    default_backbone = "resnet50"
+    default_layers = ("layer3",)
+    defaults = {"pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre", "moments_max_dim": 4096}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_setting("score_type", self.settings["score_type"] in ("fre", "nll"), "'fre' or 'nll'")
+        level = float(self.settings["pca_level"])
+        self._check_setting("pca_level", level > 0, "a variance fraction in (0, 1) or a component count")
+        self._check_setting("layers", len(self.layers) == 1, "exactly one layer")
+        self.pca = PCA(level if level < 1 else int(level))
+        self.produces_maps = self.settings["score_type"] == "fre"
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        x = self.feature_extractor(images)[self.layers[0]]
+        k = int(self.settings["pooling_kernel_size"])
+        if k > 1:
+            x = F.avg_pool2d(x, kernel_size=k)
+        return x.flatten(1), x.shape
+
+    def fit(self, batches, progress: bool = False) -> None:
+        self.eval()
+        rows = []
+        for images in progress_bar(batches, desc="dfm features", enabled=progress):
+            rows.append(self.features(images.to(self.device))[0])
+        if not rows:
+            raise RuntimeError("no training images reached this worker: its data shard is empty")
+        local = torch.cat(rows)
+        if local.shape[1] <= int(self.settings["moments_max_dim"]):
+            moments = Moments()
+            moments.update(local.unsqueeze(1))
+            moments.all_reduce()
+            self.pca.fit_from_moments(moments.count, moments.total[0], moments.outer[0])
+        else:
+            self.pca.fit(distributed.all_gather_rows(local))
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if self.pca.components.numel() == 0:
+            raise RuntimeError("DFM is not fitted: fit() it or load a trained model first")
+        feats, shape = self.features(images)
+        projected = self.pca.transform(feats)
+        if self.settings["score_type"] == "nll":
+            var = self.pca.explained_variance.clamp_min(1e-12)
+            score = (projected.pow(2) / var).sum(1) + var.log().sum()
+            return AnomalyOutput(score=score, anomaly_map=None)
+        error = (feats - self.pca.inverse_transform(projected)).pow(2)
+        amap = error.view(shape).sum(1, keepdim=True)  # per-position reconstruction error
+        return AnomalyOutput(score=error.sum(1), anomaly_map=self.upsample(amap)[:, 0])

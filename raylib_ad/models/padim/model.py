@@ -1,0 +1,67 @@
+"""PaDiM (Defard et al., ICPR 2020): a multivariate Gaussian per feature-map position; anomaly =
+Mahalanobis distance of a test patch to its position's Gaussian.
+
+The fit is exact on any number of workers: per-position sums and outer products (float64) are summed
+across workers, then turned into means and covariances once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
+from raylib_ad.models.components.blur import GaussianBlur2d
+from raylib_ad.models.components.embedding import concat_layers, to_patches
+from raylib_ad.models.components.gaussian import Moments
+from raylib_ad.progress import progress_bar
+
+# anomalib's feature counts per backbone; other backbones keep all their channels up to this cap.
+_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
+_DEFAULT_CAP = 550
+
+
+@register_model
+class Padim(AnomalyModel):
+    name = "padim"
+    default_backbone = "resnet18"
+    default_layers = ("layer1", "layer2", "layer3")
+    defaults = {"n_features": None, "covariance_regularization": 0.01}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        total = sum(self.feature_extractor.channels.values())
+        n = self.settings["n_features"] or min(_N_FEATURES.get(self.backbone_name, _DEFAULT_CAP), total)
+        self._check_setting("n_features", 1 <= int(n) <= total, f"an integer in [1, {total}] for these layers")
+        self.settings["n_features"] = int(n)
+        generator = torch.Generator().manual_seed(self.seed)
+        # A fixed random channel subset (the paper's random dimensionality reduction).
+        self.register_buffer("feature_index", torch.randperm(total, generator=generator)[: int(n)].sort().values)
+        self.register_buffer("mean", torch.empty(0))  # (P, C)
+        self.register_buffer("inv_covariance", torch.empty(0))  # (P, C, C)
+        self.blur = GaussianBlur2d(sigma=4.0)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        features = self.feature_extractor(images)
+        embedding = concat_layers(features, self.layers, mode="nearest")
+        embedding = embedding.index_select(1, self.feature_index)
+        return to_patches(embedding), tuple(embedding.shape[-2:])
+
+    def fit(self, batches, progress: bool = False) -> None:
+        self.eval()
+        moments = Moments()
+        for images in progress_bar(batches, desc="padim features", enabled=progress):
+            moments.update(self.embed(images.to(self.device))[0])
+        mean, cov = moments.all_reduce().mean_and_covariance(float(self.settings["covariance_regularization"]))
+        self.mean = mean.float()
+        self.inv_covariance = torch.linalg.inv(cov).float()
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if self.mean.numel() == 0:
+            raise RuntimeError("PaDiM is not fitted: fit() it or load a trained model first")
+        patches, (h, w) = self.embed(images)
+        delta = patches - self.mean.unsqueeze(0)  # (B, P, C)
+        # One batched matmul per position: (P, B, C) @ (P, C, C)
+        left = torch.bmm(delta.transpose(0, 1), self.inv_covariance).transpose(0, 1)
+        dist = (left * delta).sum(-1).clamp_min(0).sqrt()  # (B, P)
+        amap = self.blur(self.upsample(dist.view(-1, 1, h, w)))[:, 0]
+        return AnomalyOutput(score=amap.amax(dim=(1, 2)), anomaly_map=amap)

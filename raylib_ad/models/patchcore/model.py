@@ -1,0 +1,110 @@
+"""PatchCore (Roth et al., CVPR 2022): a memory bank of locally aware patch features, subsampled by
+k-center greedy; anomaly = distance of a test patch to its nearest bank entry.
+
+Distributed fit is a two-round coreset (Malkomes et al., NeurIPS 2015, "Fast distributed k-center
+clustering with outliers on massive data"): every worker picks `n` centers from its own shard, rank 0
+picks `n` again from the union, and broadcasts them. The union's greedy solution is a 4-approximation
+of the optimal k-center cost (single-process greedy: 2), and every worker ends with the WHOLE bank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raylib_ad import distributed
+from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
+from raylib_ad.models.components.blur import GaussianBlur2d
+from raylib_ad.models.components.coreset import k_center_greedy
+from raylib_ad.models.components.embedding import concat_layers, to_patches
+from raylib_ad.models.components.nearest_neighbors import nearest_neighbors
+from raylib_ad.progress import progress_bar
+
+
+@register_model
+class PatchCore(AnomalyModel):
+    name = "patchcore"
+    default_backbone = "wide_resnet50_2"
+    default_layers = ("layer2", "layer3")
+    defaults = {
+        "coreset_sampling_ratio": 0.1,
+        "num_neighbors": 9,
+        "coreset_projection_dim": 128,  # random projection used only while selecting the coreset
+        "query_chunk": 8192,  # rows of test patches per distance GEMM; bounds inference memory
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        ratio = self.settings["coreset_sampling_ratio"]
+        self._check_setting("coreset_sampling_ratio", 0 < float(ratio) <= 1, "a number in (0, 1]")
+        self._check_setting("num_neighbors", int(self.settings["num_neighbors"]) >= 1, "an integer >= 1")
+        self.blur = GaussianBlur2d(sigma=4.0)
+        self.register_buffer("memory_bank", torch.empty(0))
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, h*w, D) locally aware patch features and the feature grid size (h, w)."""
+        features = self.feature_extractor(images)
+        # 3x3 neighbourhood average: each patch sees its surroundings (the paper's "local awareness").
+        pooled = {k: F.avg_pool2d(v, kernel_size=3, stride=1, padding=1) for k, v in features.items()}
+        embedding = concat_layers(pooled, self.layers, mode="bilinear")
+        return to_patches(embedding), tuple(embedding.shape[-2:])
+
+    # -- fit -------------------------------------------------------------------------------------
+    def fit(self, batches, progress: bool = False) -> None:
+        self.eval()
+        local = [self.embed(b.to(self.device))[0].flatten(0, 1)
+                 for b in progress_bar(batches, desc="patchcore features", enabled=progress)]
+        if not local:
+            raise RuntimeError("no training images reached this worker: its data shard is empty")
+        local = torch.cat(local)
+        total = int(distributed.all_reduce_sum(torch.tensor([float(local.shape[0])])).item())
+        n_bank = self.bank_size(total)
+        self.memory_bank = self.select_coreset(local, n_bank, progress)
+
+    def bank_size(self, total_patches: int) -> int:
+        return max(1, int(total_patches * float(self.settings["coreset_sampling_ratio"])))
+
+    def select_coreset(self, local: torch.Tensor, n_bank: int, progress: bool = False) -> torch.Tensor:
+        dim = int(self.settings["coreset_projection_dim"])
+        picked = local[k_center_greedy(local, n_bank, projection_dim=dim, seed=self.seed, progress=progress,
+                                       desc="coreset (local)")]
+        if distributed.world_size() == 1:
+            return picked.contiguous()
+        union = distributed.all_gather_rows(picked)
+        if distributed.rank() == 0:
+            bank = union[k_center_greedy(union, n_bank, projection_dim=dim, seed=self.seed, progress=progress,
+                                         desc="coreset (union)")].contiguous()
+        else:
+            bank = union[:0]
+        # Broadcast rather than recompute: bit-identical banks on every worker, whatever the hardware.
+        return distributed.broadcast(bank, src=0)
+
+    # -- inference -------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if self.memory_bank.numel() == 0:
+            raise RuntimeError("PatchCore has an empty memory bank: fit() it or load a trained model first")
+        patches, (h, w) = self.embed(images)
+        batch, n_patches, _ = patches.shape
+        dist, idx = nearest_neighbors(patches.flatten(0, 1), self.memory_bank, k=1,
+                                      query_chunk=int(self.settings["query_chunk"]))
+        patch_scores = dist[:, 0].view(batch, n_patches)
+        locations = idx[:, 0].view(batch, n_patches)
+        score = self.reweighted_score(patch_scores, locations, patches)
+        amap = self.blur(self.upsample(patch_scores.view(batch, 1, h, w)))
+        return AnomalyOutput(score=score, anomaly_map=amap[:, 0])
+
+    def reweighted_score(self, patch_scores, locations, patches) -> torch.Tensor:
+        """Paper eq. 7: damp the max patch distance when its nearest bank entry sits in a dense region."""
+        k = int(self.settings["num_neighbors"])
+        rows = torch.arange(patch_scores.shape[0], device=patch_scores.device)
+        worst = patch_scores.argmax(1)
+        score = patch_scores[rows, worst]
+        if k == 1:
+            return score
+        worst_features = patches[rows, worst]  # (B, D)
+        nn_sample = self.memory_bank[locations[rows, worst]]  # (B, D)
+        _, support = nearest_neighbors(nn_sample, self.memory_bank, k=min(k, self.memory_bank.shape[0]))
+        support_dist = torch.linalg.norm(worst_features.unsqueeze(1) - self.memory_bank[support], dim=-1)
+        weights = 1 - torch.softmax(support_dist, dim=1)[:, 0]
+        return weights * score
+

@@ -1,0 +1,102 @@
+"""Training options shared by `raylib-ad train`, jobs/train.py and the Tune sweeps."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+from raylib_ad.errors import ConfigError
+
+DEFAULT_CATEGORY = {"synthetic": "widget", "magnetic_tile": "magnetic_tile"}
+# Settings that are not model hyperparameters but model-construction switches.
+_CONSTRUCTION_KEYS = ("pretrained", "weights")
+
+
+@dataclass
+class TrainOptions:
+    model: str
+    data: str = "synthetic"
+    root: str = "datasets"
+    category: str | None = None
+    split_file: str | None = None
+    backbone: str | None = None
+    layers: list[str] | None = None
+    image_size: int = 256
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+    batch_size: int = 32
+    settings: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    seed: int = 0
+    val_fraction: float = 0.3
+    out: str = "runs/latest"
+    experiment: str = "raylib_ad"
+    mlflow: bool = True
+    progress: bool = True
+
+    def resolved_category(self) -> str:
+        category = self.category or DEFAULT_CATEGORY.get(self.data)
+        if not category:
+            raise ConfigError(f"--category is required for --data {self.data}")
+        return category
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for create_model(self.model, **kwargs)."""
+        settings = dict(self.settings)
+        construction = {k: settings.pop(k) for k in _CONSTRUCTION_KEYS if k in settings}
+        kwargs = {"backbone": self.backbone, "layers": self.layers, "image_size": self.image_size,
+                  "seed": self.seed, "weights": self.weights, **construction, **settings}
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings -> dict; values are YAML scalars (0.1, 9, true, [a, b])."""
+    settings = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair}: cannot parse value '{value}': {err}") from err
+    return settings
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model name, e.g. patchcore, padim, dfm, dfkde")
+    parser.add_argument("--data", default="synthetic", choices=["mvtec", "folder", "magnetic_tile", "synthetic"])
+    parser.add_argument("--root", default="datasets", help="dataset root folder")
+    parser.add_argument("--category", help="category (MVTec name, or any name for synthetic)")
+    parser.add_argument("--split-file", help="CSV split file (split,label,defect,image,mask), VisA-style")
+    parser.add_argument("--backbone", help="any timm model name (default: the model's anomalib default)")
+    parser.add_argument("--layers", nargs="+", help="timm feature module names, e.g. blocks.2 blocks.4")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--cpus-per-worker", type=float, help="default: 1, or less on a small machine")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
+                        help="model setting by anomalib's name (repeatable), e.g. coreset_sampling_ratio=0.01")
+    parser.add_argument("--weights", help="local backbone weights file (.pth/.safetensors)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.3,
+                        help="share of the test split carved out (seeded) to fit threshold and normalization")
+    parser.add_argument("--out", default="runs/latest", help="output directory")
+    parser.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
+    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    names = TrainOptions.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["settings"] = parse_settings(args.settings)
+    return TrainOptions(**values)

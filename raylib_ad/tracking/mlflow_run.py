@@ -1,0 +1,80 @@
+"""MLflow logging for a finished training run. Logging happens after the model directory and
+metrics.json are on disk, and any tracking failure is reported, never raised: an unreachable tracking
+server must not cost a trained model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+def tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else a sqlite store in the working directory (the plain file store
+    is refused by recent MLflow)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    base = Path(base_dir or os.getcwd()).resolve()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def _server_reachable(uri: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return True
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif value is not None:
+        out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+
+def log_training_run(
+    *,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    model_dir: str | os.PathLike,
+    artifacts: list[str | os.PathLike],
+    tags: dict[str, str] | None = None,
+    uri: str | None = None,
+) -> str | None:
+    """Log one run; returns its run id, or None (with a message on stderr) if tracking failed."""
+    uri = uri or tracking_uri()
+    if not _server_reachable(uri):
+        print(f"[raylib_ad] MLflow tracking server {uri} is unreachable; the trained model is safe in "
+              f"{model_dir} and was not logged.", file=sys.stderr)
+        return None
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        flat: dict[str, Any] = {}
+        _flatten("", params, flat)
+        with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+            for path in artifacts:
+                if Path(path).is_file():
+                    mlflow.log_artifact(str(path), artifact_path="plots" if str(path).endswith(".png") else None)
+            return run.info.run_id
+    except Exception as err:  # tracking must never lose the model
+        print(f"[raylib_ad] MLflow logging to {uri} failed ({type(err).__name__}: {err}); the trained model "
+              f"is safe in {model_dir}.", file=sys.stderr)
+        return None

@@ -1,0 +1,163 @@
+"""One training run, end to end: data -> Ray Train fit -> evaluation -> model directory -> MLflow.
+
+`raylib-ad train` and jobs/train.py both call `run_training`. Everything the user needs is on disk in
+`out/` before tracking starts: out/model/ (loadable with raylib_ad.load), out/metrics.json, plots.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from raylib_ad.artifact import read_model, write_stats
+from raylib_ad.data import build_manifest, split_counts, validate_manifest
+from raylib_ad.evaluation import overlay_indices, score_split
+from raylib_ad.metrics import evaluation_report
+from raylib_ad.models import model_class
+from raylib_ad.models.components.feature_extractor import backbone_mean_std
+from raylib_ad.models.components.weights import resolve_weights
+from raylib_ad.options import TrainOptions
+from raylib_ad.postprocess.validation_split import carve_validation
+from raylib_ad.tracking.mlflow_run import log_training_run
+
+SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1", "fit_seconds", "test_images_per_second",
+                "peak_memory_mb")
+
+
+def prepare(options: TrainOptions):
+    """Everything that can fail on bad input, done before any worker starts."""
+    cls = model_class(options.model)
+    category = options.resolved_category()
+    table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed)
+    validate_manifest(table)
+    kwargs = options.model_kwargs()
+    backbone = kwargs.get("backbone", cls.default_backbone)
+    if kwargs.get("pretrained", True):
+        resolve_weights(backbone, kwargs.get("weights"))  # offline without weights: fail now, not in a worker
+    return cls, category, table, kwargs, backbone
+
+
+def run_training(options: TrainOptions) -> dict[str, Any]:
+    cls, category, table, kwargs, backbone = prepare(options)
+    out = Path(options.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    train_rows = table.filter(_split_mask(table, "train"))
+    test_rows = table.filter(_split_mask(table, "test"))
+    print(f"[raylib_ad] {options.data}/{category}: {json.dumps(split_counts(table))}", file=sys.stderr)
+
+    if cls.learning_type != "memory_bank":
+        raise NotImplementedError(f"{cls.name}: gradient-trained models are not available yet")
+    model_dir, fit_metrics, fit_seconds = _fit_on_ray(options, cls.name, kwargs, backbone, train_rows, out)
+
+    model = read_model(model_dir, device=_eval_device(options))
+    labels = test_rows.column("label").to_numpy()
+    _, heldout = carve_validation(labels, options.val_fraction, options.seed)
+    keep = set(overlay_indices(labels, heldout))
+    scored = score_split(model, test_rows, batch_size=options.batch_size, keep_images=keep,
+                         progress=options.progress)
+    report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
+                               val_fraction=options.val_fraction, seed=options.seed)
+    metrics = {
+        **report["metrics"],
+        "fit_seconds": fit_seconds,
+        "fit_compute_seconds": fit_metrics["fit_compute_seconds"],
+        "test_images_per_second": scored.images_per_second,
+        "peak_memory_mb": max([_rss_mb(), *fit_metrics["worker_peak_rss_mb"]]),
+        "n_train": train_rows.num_rows,
+        "n_test": test_rows.num_rows,
+        "n_validation": report["n_validation"],
+    }
+    if "memory_bank_rows" in fit_metrics:
+        metrics["memory_bank_rows"] = fit_metrics["memory_bank_rows"]
+    stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
+    stats["metrics"] = metrics
+    stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}
+    write_stats(model_dir, stats)
+    final_dir = out / "model"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    shutil.copytree(model_dir, final_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots = _write_plots(out, scored, report)
+
+    if options.mlflow:
+        run_id = log_training_run(
+            experiment=options.experiment, run_name=f"{cls.name}-{options.data}-{category}",
+            params={**options.to_dict(), "category": category, "backbone": backbone,
+                    "layers": model.layers, "settings": model.settings},
+            metrics=metrics, model_dir=final_dir, artifacts=[out / "metrics.json", *plots],
+            tags={"model": cls.name, "dataset": options.data, "category": category})
+        if run_id:
+            metrics["mlflow_run_id"] = run_id
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(summary_table(cls.name, category, metrics), file=sys.stderr)
+    return metrics
+
+
+def _fit_on_ray(options, name, kwargs, backbone, train_rows, out):
+    """The Ray part of a run: shard the training images, fit on the workers, fetch the checkpoint."""
+    import ray
+
+    from raylib_ad.data.ray_dataset import manifest_to_dataset
+    from raylib_ad.train.memory_bank import fit_memory_bank
+    from raylib_ad.train.ray_setup import cluster_cpus, ensure_ray
+    from raylib_ad.train.resources import cpus_per_worker
+
+    ensure_ray()
+    mean, std = backbone_mean_std(backbone)
+    dataset = manifest_to_dataset(train_rows, options.image_size, mean, std)
+    start = time.perf_counter()
+    checkpoint, fit_metrics = fit_memory_bank(
+        name, kwargs, dataset, workers=options.workers,
+        cpus_per_worker=cpus_per_worker(cluster_cpus(), options.workers, options.cpus_per_worker),
+        gpus_per_worker=options.gpus_per_worker, batch_size=options.batch_size,
+        storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", progress=options.progress)
+    fit_seconds = time.perf_counter() - start
+    digests = set(fit_metrics["worker_digests"])
+    if len(digests) != 1:
+        raise RuntimeError(f"workers ended with different models (digests {sorted(digests)}); refusing to save")
+    return checkpoint, fit_metrics, fit_seconds
+
+
+def _split_mask(table, split: str):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column("split"), split)
+
+
+def _eval_device(options: TrainOptions) -> str:
+    import torch
+
+    return "cuda" if options.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write_plots(out: Path, scored, report) -> list[Path]:
+    from raylib_ad.postprocess.plots import plot_roc, save_overlay_grid
+
+    paths = [plot_roc(scored.labels, scored.scores, out / "roc.png", title="image ROC (test split)")]
+    if scored.maps is not None and scored.images:
+        idx = sorted(scored.images, key=lambda i: -scored.labels[i])
+        stats = report.get("pixel_stats") or report["image_stats"]
+        masks = [scored.masks[i] if scored.masks is not None else None for i in idx]
+        paths.append(save_overlay_grid([scored.images[i] for i in idx], [scored.maps[i] for i in idx], masks,
+                                       [float(scored.scores[i]) for i in idx], [int(scored.labels[i]) for i in idx],
+                                       out / "heatmaps.png", vmin=stats["min"], vmax=stats["max"]))
+    return [Path(p) for p in paths]
+
+
+def summary_table(model: str, category: str, metrics: dict[str, Any]) -> str:
+    rows = [(k, metrics[k]) for k in SUMMARY_KEYS if k in metrics]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"\n{model} on {category}", "-" * (width + 14)]
+    lines += [f"{k:<{width}}  {v:>10.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:>10}" for k, v in rows]
+    return "\n".join(lines)
+
