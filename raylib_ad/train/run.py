@@ -72,8 +72,9 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         "n_test": test_rows.num_rows,
         "n_validation": report["n_validation"],
     }
-    if "memory_bank_rows" in fit_metrics:
-        metrics["memory_bank_rows"] = fit_metrics["memory_bank_rows"]
+    for key in ("memory_bank_rows", "feature_seconds", "coreset_seconds"):
+        if key in fit_metrics:
+            metrics[key] = fit_metrics[key]
     stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
     stats["metrics"] = metrics
     stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}

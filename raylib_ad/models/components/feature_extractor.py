@@ -77,6 +77,7 @@ class FeatureExtractor(nn.Module):
         self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         self.requires_grad_(requires_grad)
         self.trainable = requires_grad
+        self.train()  # timm builds in train mode; a frozen extractor must start (and stay) in eval mode
 
     def _truncate_after(self, last_index: int) -> None:
         # EfficientNet-style feature nets run every block even when the last requested feature comes

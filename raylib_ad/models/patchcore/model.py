@@ -9,6 +9,8 @@ of the optimal k-center cost (single-process greedy: 2), and every worker ends w
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,9 @@ class PatchCore(AnomalyModel):
     defaults = {
         "coreset_sampling_ratio": 0.1,
         "num_neighbors": 9,
-        "coreset_projection_dim": 128,  # random projection used only while selecting the coreset
+        # Random projection used only while selecting the coreset: "auto" = Johnson-Lindenstrauss
+        # dimension for eps 0.9 (anomalib's choice), an int to force one, 0 for none.
+        "coreset_projection_dim": "auto",
         "query_chunk": 8192,  # rows of test patches per distance GEMM; bounds inference memory
     }
 
@@ -52,20 +56,24 @@ class PatchCore(AnomalyModel):
     # -- fit -------------------------------------------------------------------------------------
     def fit(self, batches, progress: bool = False) -> None:
         self.eval()
+        start = time.perf_counter()
         local = [self.embed(b.to(self.device))[0].flatten(0, 1)
                  for b in progress_bar(batches, desc="patchcore features", enabled=progress)]
         if not local:
             raise RuntimeError("no training images reached this worker: its data shard is empty")
         local = torch.cat(local)
+        features_done = time.perf_counter()
         total = int(distributed.all_reduce_sum(torch.tensor([float(local.shape[0])])).item())
         n_bank = self.bank_size(total)
         self.memory_bank = self.select_coreset(local, n_bank, progress)
+        self.fit_timings = {"feature_seconds": features_done - start,
+                            "coreset_seconds": time.perf_counter() - features_done}
 
     def bank_size(self, total_patches: int) -> int:
         return max(1, int(total_patches * float(self.settings["coreset_sampling_ratio"])))
 
     def select_coreset(self, local: torch.Tensor, n_bank: int, progress: bool = False) -> torch.Tensor:
-        dim = int(self.settings["coreset_projection_dim"])
+        dim = self.settings["coreset_projection_dim"]
         picked = local[k_center_greedy(local, n_bank, projection_dim=dim, seed=self.seed, progress=progress,
                                        desc="coreset (local)")]
         if distributed.world_size() == 1:
