@@ -75,7 +75,9 @@ def score_split(
                 image = batch["image"][j].transpose(1, 2, 0) * std + mean
                 kept[int(i)] = (image.clip(0, 1) * 255).astype(np.uint8)
     seconds = time.perf_counter() - start
-    return ScoredSplit(labels=labels, scores=scores, masks=masks if masks.any() else None, maps=maps,
+    # Masks only matter next to maps; a split without any defect pixels has no pixel metrics either.
+    has_masks = maps is not None and masks.any()
+    return ScoredSplit(labels=labels, scores=scores, masks=masks if has_masks else None, maps=maps,
                        seconds=seconds, images=kept)
 
 

@@ -75,6 +75,9 @@ class FeatureExtractor(nn.Module):
         cfg = self.model.pretrained_cfg
         self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        # channels_last runs these convnets ~1.6x faster on CPU (measured: tf_efficientnet_lite0,
+        # 256 px, 1 thread, 93 -> 57 ms/image) and is what tensor cores prefer on GPU.
+        self.model.to(memory_format=torch.channels_last)
         self.requires_grad_(requires_grad)
         self.trainable = requires_grad
         self.train()  # timm builds in train mode; a frozen extractor must start (and stay) in eval mode
@@ -98,6 +101,7 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.contiguous(memory_format=torch.channels_last)
         if self.trainable:
             features = self.model(images)
         else:

@@ -1,0 +1,54 @@
+"""`ray job submit` of jobs/train.py to a local `ray start --head` cluster, as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    if not Path(RAY).exists():
+        pytest.skip("the ray CLI is not installed next to this Python")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs_port, dashboard_port = free_port(), free_port()
+    # A separate temp dir keeps this cluster apart from the test session's in-process Ray.
+    start = [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={tmp_path / 'ray'}",
+             "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard_port}", env, gcs_port
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_trains_a_model(head_node, synthetic_root, tmp_path, lite0_available):
+    address, env, _ = head_node
+    out = tmp_path / "run"
+    entrypoint = [sys.executable, "jobs/train.py", "--model", "dfm", "--data", "synthetic", "--root",
+                  str(synthetic_root), "--category", "widget", "--backbone", "tf_efficientnet_lite0",
+                  "--image-size", "64", "--workers", "2", "--out", str(out), "--no-progress", "--no-mlflow"]
+    result = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                             *entrypoint], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image_auroc"] > 0.7
+    assert (out / "model" / "weights.safetensors").is_file()
