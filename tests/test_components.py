@@ -10,7 +10,7 @@ import torch
 
 from raylib_ad.errors import ConfigError, WeightsUnavailableError
 from raylib_ad.models.components.blur import GaussianBlur2d
-from raylib_ad.models.components.coreset import covering_radius, k_center_greedy
+from raylib_ad.models.components.coreset import covering_radius, distributed_k_center_greedy, k_center_greedy
 from raylib_ad.models.components.feature_extractor import FeatureExtractor, feature_layers
 from raylib_ad.models.components.kde import GaussianKDE
 from raylib_ad.models.components.nearest_neighbors import nearest_neighbors
@@ -166,3 +166,9 @@ def test_pruned_k_center_greedy_is_exact_on_clustered_data():
     points = (centres.repeat_interleave(50, 0) + torch.randn(1000, 16, generator=gen)).double().float()
     picked = k_center_greedy(points, 60, projection_dim=0, seed=1)
     assert picked.tolist() == naive_k_center(points, 60, int(picked[0]))
+
+
+def test_distributed_greedy_in_one_process_is_the_plain_greedy():
+    points = torch.randn(500, 12, generator=torch.Generator().manual_seed(4))
+    rows = distributed_k_center_greedy(points, 30, projection_dim=0, seed=2)
+    assert torch.equal(rows, points[k_center_greedy(points, 30, projection_dim=0, seed=2)])

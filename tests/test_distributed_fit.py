@@ -20,7 +20,8 @@ MODELS = {
     "dfm": {},
     "dfm_gather": {"moments_max_dim": 1},
     "dfkde": {"n_pca_components": 4},
-    "patchcore": {"coreset_sampling_ratio": 0.1, "coreset_projection_dim": 0},
+    "patchcore": {"coreset_sampling_ratio": 0.1},
+    "patchcore_tworound": {"coreset_sampling_ratio": 0.1, "coreset_projection_dim": 0, "coreset_mode": "two_round"},
 }
 
 
@@ -76,17 +77,24 @@ def test_exact_reductions_equal_the_single_process_fit(results, key):
             torch.testing.assert_close(state[key][name], value, rtol=1e-4, atol=1e-4, msg=f"{key}.{name}")
 
 
-def test_patchcore_bank_is_whole_identical_and_a_provable_approximation(results):
+def test_patchcore_exact_bank_equals_the_single_process_bank(results):
     single, ranks = results
     bank0, bank1 = ranks[0]["patchcore"]["memory_bank"], ranks[1]["patchcore"]["memory_bank"]
     assert torch.equal(bank0, bank1)  # identical on every worker, not one half each
-    assert bank0.shape == single["patchcore"]["memory_bank"].shape  # the requested size, whole
+    torch.testing.assert_close(bank0, single["patchcore"]["memory_bank"])  # and the one a single process picks
+
+
+def test_patchcore_two_round_bank_is_whole_identical_and_a_provable_approximation(results):
+    single, ranks = results
+    bank0, bank1 = ranks[0]["patchcore_tworound"]["memory_bank"], ranks[1]["patchcore_tworound"]["memory_bank"]
+    assert torch.equal(bank0, bank1)
+    assert bank0.shape == single["patchcore_tworound"]["memory_bank"].shape  # the requested size, whole
     # Two-round k-center greedy is a 4-approximation of the optimal radius, which the single-process
     # greedy radius bounds from above: r_two_round <= 4 * OPT <= 4 * r_single.
-    model = build("patchcore")
+    model = build("patchcore_tworound")
     with torch.no_grad():
         points = torch.cat([model.embed(b)[0].flatten(0, 1) for b in batches()])
-    r_single = covering_radius(points, single["patchcore"]["memory_bank"])
+    r_single = covering_radius(points, single["patchcore_tworound"]["memory_bank"])
     r_two = covering_radius(points, bank0)
     assert r_two <= 4 * r_single
     # Every bank row is a real training patch (the coreset selects, it never averages).

@@ -1,4 +1,5 @@
-"""k-center greedy coreset selection (Sener & Savarese 2018), as PatchCore uses it.
+"""k-center greedy coreset selection (Sener & Savarese 2018), as PatchCore uses it, on one process or
+exactly across workers.
 
 One pass over the data per pick: a running vector of each point's squared distance to the nearest
 selected center is updated with a single matrix-vector product against the new center, so memory stays
@@ -11,23 +12,47 @@ import math
 
 import torch
 
+from raylib_ad import distributed
 from raylib_ad.progress import progress_bar
 
 
 def johnson_lindenstrauss_dim(n_samples: int, eps: float = 0.9) -> int:
     """Smallest projection dimension that keeps all pairwise distances within (1 +- eps) with high
     probability (the bound scikit-learn and anomalib's PatchCore use, with eps = 0.9)."""
-    return int(4 * math.log(n_samples) / (eps**2 / 2 - eps**3 / 3))
+    return int(4 * math.log(max(n_samples, 2)) / (eps**2 / 2 - eps**3 / 3))
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
     """Gaussian random projection to `dim` columns (Johnson-Lindenstrauss): distances are kept up to a
-    small factor, which is all the greedy argmax needs, at a fraction of the cost."""
+    small factor, which is all the greedy argmax needs, at a fraction of the cost. The matrix depends on
+    the seed only, so every worker projects alike."""
     if dim <= 0 or features.shape[1] <= dim:
         return features
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randn(features.shape[1], dim, generator=generator) / dim**0.5
     return features @ matrix.to(features.device, features.dtype)
+
+
+def _projected(features: torch.Tensor, projection_dim: int | str, total_rows: int, seed: int) -> torch.Tensor:
+    if projection_dim == "auto":
+        projection_dim = johnson_lindenstrauss_dim(total_rows)
+    return random_projection(features.float(), int(projection_dim), seed)
+
+
+class _MinDistances:
+    """Squared distance from each point to its nearest chosen center, updated one center at a time."""
+
+    def __init__(self, points: torch.Tensor):
+        self.points = points
+        self.sq_norms = points.pow(2).sum(1)
+        self.values = torch.full((points.shape[0],), float("inf"), device=points.device)
+
+    def add_center(self, center: torch.Tensor) -> None:
+        dist = torch.addmv(self.sq_norms, self.points, center, alpha=-2) + center.pow(2).sum()
+        torch.minimum(self.values, dist, out=self.values)
+
+    def exclude(self, index: int) -> None:
+        self.values[index] = -1.0  # a chosen point is never picked again, even with duplicate rows
 
 
 def k_center_greedy(
@@ -44,57 +69,81 @@ def k_center_greedy(
     The first center is a seeded random row; each next one is the row farthest from all chosen so far.
     projection_dim "auto" projects only when the Johnson-Lindenstrauss dimension is below the feature
     dimension (as anomalib does); 0 never projects.
-
-    Exact, but pruned by the triangle inequality: a point assigned to center a cannot get closer to the
-    new center c when d(a, c) >= 2 * radius(a), so whole groups are skipped. After the first picks most
-    groups are skipped, and a pick touches a small part of the data instead of all of it.
     """
     n = features.shape[0]
     if n_select >= n:
         return torch.arange(n, device=features.device)
     if n_select <= 0:
         return torch.empty(0, dtype=torch.long, device=features.device)
-    if projection_dim == "auto":
-        projection_dim = johnson_lindenstrauss_dim(n)
-    points = random_projection(features.float(), int(projection_dim), seed)
-    sq_norms = points.pow(2).sum(1)
-    # Slack for float rounding in the pruning test: only prune groups that are clearly out of reach.
-    slack = 1e-3 * float(sq_norms.mean().sqrt())
-    generator = torch.Generator().manual_seed(seed)
-    index = int(torch.randint(n, (1,), generator=generator))
-    device = points.device
-    selected = torch.empty(n_select, dtype=torch.long, device=device)
-    min_dist = torch.full((n,), float("inf"), device=device)  # squared distance to the nearest center
-    assign = torch.zeros(n, dtype=torch.long, device=device)  # pick number of that center
-    radius = torch.zeros(n_select, device=device)  # farthest member of each center's group
+    points = _projected(features, projection_dim, n, seed)
+    state = _MinDistances(points)
+    index = _first_index(n, seed)
+    selected = torch.empty(n_select, dtype=torch.long, device=features.device)
     for step in progress_bar(range(n_select), desc=desc, enabled=progress):
         selected[step] = index
-        center = points[index]
-        if step == 0:
-            candidates = None
-        else:
-            centers = points[selected[:step]]
-            to_centers = (sq_norms[selected[:step]] - 2 * (centers @ center) + sq_norms[index]).clamp_min(0).sqrt()
-            reachable = to_centers < 2 * radius[:step] + slack
-            candidates = None if bool(reachable.all()) else reachable[assign].nonzero().squeeze(1)
-            radius[:step][reachable] = 0  # recomputed below from the re-examined members
-        if candidates is None:
-            dist = torch.addmv(sq_norms, points, center, alpha=-2) + sq_norms[index]
-            closer = dist < min_dist
-            min_dist = torch.where(closer, dist, min_dist)
-            assign = torch.where(closer, step, assign)
-            members = slice(None)
-        else:
-            dist = torch.addmv(sq_norms[candidates], points[candidates], center, alpha=-2) + sq_norms[index]
-            closer = dist < min_dist[candidates]
-            moved = candidates[closer]
-            min_dist[moved] = dist[closer]
-            assign[moved] = step
-            members = candidates
-        min_dist[index] = -1.0  # a chosen point is never picked again, even with duplicate rows
-        radius.scatter_reduce_(0, assign[members], min_dist[members].clamp_min(0).sqrt(), "amax")
-        index = int(torch.argmax(min_dist))
+        state.add_center(points[index])
+        state.exclude(index)
+        index = int(torch.argmax(state.values))
     return selected
+
+
+def _first_index(n: int, seed: int) -> int:
+    return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
+def distributed_k_center_greedy(
+    local: torch.Tensor,
+    n_select: int,
+    *,
+    projection_dim: int | str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "coreset",
+) -> torch.Tensor:
+    """k-center greedy over the union of every worker's rows, without moving the rows: per pick, each
+    worker proposes its farthest point, the farthest proposal wins, and its owner broadcasts it.
+
+    Returns the selected rows (n_select, D), identical on every worker and equal to what
+    `k_center_greedy` picks on the rank-ordered concatenation of all workers' rows. Costs one pass over
+    the local rows plus two small collectives per pick.
+    """
+    counts = distributed.all_gather_rows(torch.tensor([[local.shape[0]]], dtype=torch.long))[:, 0].tolist()
+    offsets = [sum(counts[:r]) for r in range(len(counts))]
+    total, rank = sum(counts), distributed.rank()
+    n_select = min(n_select, total)
+    points = _projected(local, projection_dim, total, seed)
+    state = _MinDistances(points)
+    owner_of = torch.tensor(offsets + [total])
+    chosen = _first_index(total, seed)
+    rows = torch.empty(n_select, local.shape[1], dtype=local.dtype, device=local.device)
+    width = local.shape[1]
+    for step in progress_bar(range(n_select), desc=desc, enabled=progress):
+        owner = int(torch.searchsorted(owner_of, chosen, right=True)) - 1
+        local_index = chosen - offsets[owner]
+        if owner == rank:
+            payload = torch.cat([local[local_index].float(), points[local_index]])
+        else:
+            payload = torch.empty(width + points.shape[1], device=local.device)
+        payload = distributed.broadcast(payload, src=owner)
+        rows[step] = payload[:width].to(local.dtype)
+        state.add_center(payload[width:])
+        if owner == rank:
+            state.exclude(local_index)
+        chosen = _farthest_global_index(state.values, offsets[rank])
+    return rows
+
+
+def _farthest_global_index(values: torch.Tensor, offset: int) -> int:
+    """The global index of the farthest point over all workers; ties go to the lowest global index,
+    as torch.argmax does in a single process."""
+    if values.numel():
+        best = int(torch.argmax(values))
+        proposal = torch.tensor([[float(values[best]), float(offset + best)]], dtype=torch.float64)
+    else:
+        proposal = torch.tensor([[-math.inf, math.inf]], dtype=torch.float64)
+    proposals = distributed.all_gather_rows(proposal)
+    top = proposals[:, 0].max()
+    return int(proposals[proposals[:, 0] == top, 1].min())
 
 
 def covering_radius(points: torch.Tensor, centers: torch.Tensor, chunk: int = 8192) -> float:

@@ -1,10 +1,13 @@
 """PatchCore (Roth et al., CVPR 2022): a memory bank of locally aware patch features, subsampled by
 k-center greedy; anomaly = distance of a test patch to its nearest bank entry.
 
-Distributed fit is a two-round coreset (Malkomes et al., NeurIPS 2015, "Fast distributed k-center
-clustering with outliers on massive data"): every worker picks `n` centers from its own shard, rank 0
-picks `n` again from the union, and broadcasts them. The union's greedy solution is a 4-approximation
-of the optimal k-center cost (single-process greedy: 2), and every worker ends with the WHOLE bank.
+Distributed fit, two ways, both ending with the WHOLE bank of the requested size on every worker:
+- "exact" (default): the single-process greedy over the union of all workers' patches, run in place
+  (coreset.distributed_k_center_greedy) - the same bank one process would select.
+- "two_round" (Malkomes et al., NeurIPS 2015, "Fast distributed k-center clustering with outliers on
+  massive data"): every worker picks `n` centers from its own shard, rank 0 picks `n` again from the
+  union and broadcasts them; a 4-approximation of the optimal k-center cost (single greedy: 2), with
+  only two collectives in all.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from raylib_ad import distributed
 from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
 from raylib_ad.models.components.blur import GaussianBlur2d
-from raylib_ad.models.components.coreset import k_center_greedy
+from raylib_ad.models.components.coreset import distributed_k_center_greedy, k_center_greedy
 from raylib_ad.models.components.embedding import concat_layers, to_patches
 from raylib_ad.models.components.nearest_neighbors import nearest_neighbors
 from raylib_ad.progress import progress_bar
@@ -34,6 +37,10 @@ class PatchCore(AnomalyModel):
         # Random projection used only while selecting the coreset: "auto" = Johnson-Lindenstrauss
         # dimension for eps 0.9 (anomalib's choice), an int to force one, 0 for none.
         "coreset_projection_dim": "auto",
+        # Across workers: "exact" = the single-process greedy over all workers' patches, without moving
+        # them (one small collective per pick); "two_round" = greedy per worker, then over the union
+        # (4-approximation, two collectives in all: for slow links between many nodes).
+        "coreset_mode": "exact",
         "query_chunk": 8192,  # rows of test patches per distance GEMM; bounds inference memory
     }
 
@@ -42,6 +49,8 @@ class PatchCore(AnomalyModel):
         ratio = self.settings["coreset_sampling_ratio"]
         self._check_setting("coreset_sampling_ratio", 0 < float(ratio) <= 1, "a number in (0, 1]")
         self._check_setting("num_neighbors", int(self.settings["num_neighbors"]) >= 1, "an integer >= 1")
+        self._check_setting("coreset_mode", self.settings["coreset_mode"] in ("exact", "two_round"),
+                            "'exact' or 'two_round'")
         self.blur = GaussianBlur2d(sigma=4.0)
         self.register_buffer("memory_bank", torch.empty(0))
 
@@ -74,10 +83,14 @@ class PatchCore(AnomalyModel):
 
     def select_coreset(self, local: torch.Tensor, n_bank: int, progress: bool = False) -> torch.Tensor:
         dim = self.settings["coreset_projection_dim"]
+        if distributed.world_size() == 1:
+            picked = k_center_greedy(local, n_bank, projection_dim=dim, seed=self.seed, progress=progress)
+            return local[picked].contiguous()
+        if self.settings["coreset_mode"] == "exact":
+            return distributed_k_center_greedy(local, n_bank, projection_dim=dim, seed=self.seed,
+                                               progress=progress).contiguous()
         picked = local[k_center_greedy(local, n_bank, projection_dim=dim, seed=self.seed, progress=progress,
                                        desc="coreset (local)")]
-        if distributed.world_size() == 1:
-            return picked.contiguous()
         union = distributed.all_gather_rows(picked)
         if distributed.rank() == 0:
             bank = union[k_center_greedy(union, n_bank, projection_dim=dim, seed=self.seed, progress=progress,
