@@ -29,13 +29,22 @@ def _comm_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum of `tensor` over all workers (a new tensor on the input's device)."""
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     if not is_distributed():
         return tensor.clone()
     buf = tensor.to(_comm_device(tensor)).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=op)
     return buf.to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all workers (a new tensor on the input's device)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of `tensor` over all workers."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:

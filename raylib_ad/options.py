@@ -10,7 +10,7 @@ import yaml
 
 from raylib_ad.errors import ConfigError
 
-DEFAULT_CATEGORY = {"synthetic": "widget", "magnetic_tile": "magnetic_tile"}
+DEFAULT_CATEGORY = {"synthetic": "widget", "magnetic_tile": "magnetic_tile", "folder": "folder"}
 # Settings that are not model hyperparameters but model-construction switches.
 _CONSTRUCTION_KEYS = ("pretrained", "weights")
 
@@ -22,6 +22,9 @@ class TrainOptions:
     root: str = "datasets"
     category: str | None = None
     split_file: str | None = None
+    normal_dir: str | None = None
+    abnormal_dir: str | None = None
+    mask_dir: str | None = None
     backbone: str | None = None
     layers: list[str] | None = None
     image_size: int = 256
@@ -29,6 +32,9 @@ class TrainOptions:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float | None = None
     batch_size: int = 32
+    max_epochs: int | None = None
+    max_minutes: float | None = None
+    patience: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     seed: int = 0
@@ -76,6 +82,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="datasets", help="dataset root folder")
     parser.add_argument("--category", help="category (MVTec name, or any name for synthetic)")
     parser.add_argument("--split-file", help="CSV split file (split,label,defect,image,mask), VisA-style")
+    parser.add_argument("--normal-dir", help="--data folder: folder of normal images (relative to --root)")
+    parser.add_argument("--abnormal-dir", help="--data folder: folder of anomalous images")
+    parser.add_argument("--mask-dir", help="--data folder: folder of masks (<stem>.png or <stem>_mask.png)")
     parser.add_argument("--backbone", help="any timm model name (default: the model's anomalib default)")
     parser.add_argument("--layers", nargs="+", help="timm feature module names, e.g. blocks.2 blocks.4")
     parser.add_argument("--image-size", type=int, default=256)
@@ -83,6 +92,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--cpus-per-worker", type=float, help="default: 1, or less on a small machine")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-epochs", type=int, help="gradient models: epochs (default: the model's)")
+    parser.add_argument("--max-minutes", type=float, help="gradient models: stop after this much training time")
+    parser.add_argument("--patience", type=int, help="gradient models: early stopping after this many epochs "
+                        "without a better validation image AUROC")
     parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                         help="model setting by anomalib's name (repeatable), e.g. coreset_sampling_ratio=0.01")
     parser.add_argument("--weights", help="local backbone weights file (.pth/.safetensors)")

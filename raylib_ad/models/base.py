@@ -32,6 +32,9 @@ class AnomalyModel(nn.Module):
     # anomalib's parameter names and defaults; `--set key=value` may override any of them.
     defaults: ClassVar[dict[str, Any]] = {}
     produces_maps: ClassVar[bool] = True
+    # Gradient models only: epochs when --max-epochs is not given, and gradient-norm clipping (None: off).
+    default_epochs: ClassVar[int] = 10
+    gradient_clip_val: ClassVar[float | None] = None
 
     def __init__(self, backbone: str | None = None, layers: Iterable[str] | None = None, *,
                  pretrained: bool = True, weights: str | None = None, image_size: int = 256,

@@ -52,6 +52,7 @@ def log_training_run(
     artifacts: list[str | os.PathLike],
     tags: dict[str, str] | None = None,
     uri: str | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> str | None:
     """Log one run; returns its run id, or None (with a message on stderr) if tracking failed."""
     uri = uri or tracking_uri()
@@ -69,6 +70,10 @@ def log_training_run(
         with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            for record in history or []:  # per-epoch curves of gradient-trained models
+                step = int(record["epoch"])
+                mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in record.items()
+                                    if isinstance(v, (int, float)) and k != "epoch"}, step=step)
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
             for path in artifacts:
                 if Path(path).is_file():

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raylib_ad.artifact import read_model, write_stats
 from raylib_ad.data import build_manifest, split_counts, validate_manifest
 from raylib_ad.evaluation import overlay_indices, score_split
@@ -33,7 +35,9 @@ def prepare(options: TrainOptions):
     """Everything that can fail on bad input, done before any worker starts."""
     cls = model_class(options.model)
     category = options.resolved_category()
-    table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed)
+    table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed,
+                           normal_dir=options.normal_dir, abnormal_dir=options.abnormal_dir,
+                           mask_dir=options.mask_dir)
     validate_manifest(table)
     kwargs = options.model_kwargs()
     backbone = kwargs.get("backbone", cls.default_backbone)
@@ -50,39 +54,41 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     test_rows = table.filter(_split_mask(table, "test"))
     print(f"[raylib_ad] {options.data}/{category}: {json.dumps(split_counts(table))}", file=sys.stderr)
 
-    if cls.learning_type != "memory_bank":
-        raise NotImplementedError(f"{cls.name}: gradient-trained models are not available yet")
-    model_dir, fit_metrics, fit_seconds = _fit_on_ray(options, cls.name, kwargs, backbone, train_rows, out)
-
-    model = read_model(model_dir, device=_eval_device(options))
     labels = test_rows.column("label").to_numpy()
-    _, heldout = carve_validation(labels, options.val_fraction, options.seed)
+    val_idx, heldout = carve_validation(labels, options.val_fraction, options.seed)
+    fit = _fit_on_ray(options, cls, kwargs, backbone, train_rows, test_rows.take(val_idx), out)
+
+    model = read_model(fit["model_dir"], device=_eval_device(options))
     keep = set(overlay_indices(labels, heldout))
     scored = score_split(model, test_rows, batch_size=options.batch_size, keep_images=keep,
                          progress=options.progress)
     report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
                                val_fraction=options.val_fraction, seed=options.seed)
+    worker = fit["worker_metrics"]
     metrics = {
         **report["metrics"],
-        "fit_seconds": fit_seconds,
-        "fit_compute_seconds": fit_metrics["fit_compute_seconds"],
+        "fit_seconds": fit["seconds"],
         "test_images_per_second": scored.images_per_second,
-        "peak_memory_mb": max([_rss_mb(), *fit_metrics["worker_peak_rss_mb"]]),
+        "peak_memory_mb": max([_rss_mb(), *worker.get("worker_peak_rss_mb", [])]),
         "n_train": train_rows.num_rows,
         "n_test": test_rows.num_rows,
         "n_validation": report["n_validation"],
     }
-    for key in ("memory_bank_rows", "feature_seconds", "coreset_seconds"):
-        if key in fit_metrics:
-            metrics[key] = fit_metrics[key]
+    for key in ("fit_compute_seconds", "memory_bank_rows", "feature_seconds", "coreset_seconds", "best_epoch",
+                "best_val_image_auroc"):
+        if key in worker:
+            metrics[key] = worker[key]
+    if fit["history"]:
+        metrics["epochs"] = len(fit["history"])
+        metrics["train_images_per_second"] = float(np.mean([h["train_images_per_second"] for h in fit["history"]]))
     stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
     stats["metrics"] = metrics
     stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}
-    write_stats(model_dir, stats)
     final_dir = out / "model"
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    shutil.copytree(model_dir, final_dir)
+    shutil.copytree(fit["model_dir"], final_dir)
+    write_stats(final_dir, stats)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = _write_plots(out, scored, report)
 
@@ -91,7 +97,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
             experiment=options.experiment, run_name=f"{cls.name}-{options.data}-{category}",
             params={**options.to_dict(), "category": category, "backbone": backbone,
                     "layers": model.layers, "settings": model.settings},
-            metrics=metrics, model_dir=final_dir, artifacts=[out / "metrics.json", *plots],
+            metrics=metrics, model_dir=final_dir, artifacts=[out / "metrics.json", *plots], history=fit["history"],
             tags={"model": cls.name, "dataset": options.data, "category": category})
         if run_id:
             metrics["mlflow_run_id"] = run_id
@@ -100,29 +106,59 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     return metrics
 
 
-def _fit_on_ray(options, name, kwargs, backbone, train_rows, out):
-    """The Ray part of a run: shard the training images, fit on the workers, fetch the checkpoint."""
-    import ray
-
+def _fit_on_ray(options, cls, kwargs, backbone, train_rows, val_rows, out) -> dict[str, Any]:
+    """The Ray part of a run: shard the images, fit on the workers, fetch the model directory."""
     from raylib_ad.data.ray_dataset import manifest_to_dataset
-    from raylib_ad.train.memory_bank import fit_memory_bank
     from raylib_ad.train.ray_setup import cluster_cpus, ensure_ray
     from raylib_ad.train.resources import cpus_per_worker
 
     ensure_ray()
     mean, std = backbone_mean_std(backbone)
-    dataset = manifest_to_dataset(train_rows, options.image_size, mean, std)
+    common = dict(workers=options.workers, gpus_per_worker=options.gpus_per_worker, batch_size=options.batch_size,
+                  cpus_per_worker=cpus_per_worker(cluster_cpus(), options.workers, options.cpus_per_worker),
+                  storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}")
+    train = manifest_to_dataset(train_rows, options.image_size, mean, std)
     start = time.perf_counter()
-    checkpoint, fit_metrics = fit_memory_bank(
-        name, kwargs, dataset, workers=options.workers,
-        cpus_per_worker=cpus_per_worker(cluster_cpus(), options.workers, options.cpus_per_worker),
-        gpus_per_worker=options.gpus_per_worker, batch_size=options.batch_size,
-        storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", progress=options.progress)
-    fit_seconds = time.perf_counter() - start
-    digests = set(fit_metrics["worker_digests"])
-    if len(digests) != 1:
-        raise RuntimeError(f"workers ended with different models (digests {sorted(digests)}); refusing to save")
-    return checkpoint, fit_metrics, fit_seconds
+    if cls.learning_type == "gradient":
+        from raylib_ad.train.gradient import fit_gradient
+
+        val = manifest_to_dataset(val_rows, options.image_size, mean, std, with_masks=True)
+        model_dir, worker_metrics, history = fit_gradient(
+            cls.name, kwargs, train, val, max_epochs=options.max_epochs or cls.default_epochs,
+            patience=options.patience, max_minutes=options.max_minutes, **common)
+        _plot_history(history, out)
+    else:
+        from raylib_ad.train.memory_bank import fit_memory_bank
+
+        model_dir, worker_metrics = fit_memory_bank(cls.name, kwargs, train, progress=options.progress, **common)
+        history = []
+        digests = set(worker_metrics["worker_digests"])
+        if len(digests) != 1:
+            raise RuntimeError(f"workers ended with different models (digests {sorted(digests)}); refusing to save")
+    return {"model_dir": model_dir, "worker_metrics": worker_metrics, "history": history,
+            "seconds": time.perf_counter() - start}
+
+
+def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
+    """training_curves.png: train loss and validation AUROCs per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    left.set(title="train loss", xlabel="epoch")
+    for key in ("val_image_auroc", "val_pixel_auroc"):
+        if key in history[0]:
+            right.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    right.set(title="validation", xlabel="epoch", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=100)
+    plt.close(fig)
+    (out / "history.json").write_text(json.dumps(history, indent=2, default=float))
 
 
 def _split_mask(table, split: str):
@@ -145,6 +181,8 @@ def _write_plots(out: Path, scored, report) -> list[Path]:
     from raylib_ad.postprocess.plots import plot_roc, save_overlay_grid
 
     paths = [plot_roc(scored.labels, scored.scores, out / "roc.png", title="image ROC (test split)")]
+    if (out / "training_curves.png").is_file():
+        paths.append(out / "training_curves.png")
     if scored.maps is not None and scored.images:
         idx = sorted(scored.images, key=lambda i: -scored.labels[i])
         stats = report.get("pixel_stats") or report["image_stats"]

@@ -1,0 +1,3 @@
+from raylib_ad.models.fastflow.model import Fastflow
+
+__all__ = ["Fastflow"]

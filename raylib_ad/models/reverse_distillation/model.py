@@ -1,0 +1,107 @@
+"""Reverse Distillation (Deng & Li, CVPR 2022, "Anomaly Detection via Reverse Distillation from
+One-Class Embedding").
+
+A frozen pretrained encoder (teacher); a trainable one-class bottleneck compresses its multi-scale
+features into one compact code, and a decoder (student) rebuilds the encoder's features from that
+code alone. Trained on normal images, the decoder cannot rebuild what the code has never carried, so
+1 - cosine(encoder, decoder) per position is high where the image is anomalous.
+
+Unlike anomalib (ResNet-only decoder), the bottleneck and decoder are built from the encoder's
+channels and strides, so any timm backbone works (see components.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
+from raylib_ad.models.components.blur import GaussianBlur2d
+from raylib_ad.models.reverse_distillation.components import MirrorDecoder, OneClassBottleneck
+
+_MAP_MODES = ("add", "multiply")
+
+
+def _number_in(value, low: float, high: float = math.inf, *, low_open: bool = False) -> bool:
+    """A real number (not a bool or a string) in [low, high), or (low, high) when low_open."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (low < value if low_open else low <= value) and value < high
+
+
+@register_model
+class ReverseDistillation(AnomalyModel):
+    name = "reverse_distillation"
+    learning_type = "gradient"
+    default_backbone = "wide_resnet50_2"
+    default_layers = ("layer1", "layer2", "layer3")
+    # anomalib: Adam(lr=0.005, betas=(0.5, 0.99)) over decoder + bottleneck; maps added by default.
+    defaults = {"anomaly_map_mode": "add", "lr": 0.005, "beta1": 0.5, "beta2": 0.99}
+    gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_setting("anomaly_map_mode", self.settings["anomaly_map_mode"] in _MAP_MODES,
+                            f"one of {list(_MAP_MODES)}")
+        self._check_setting("lr", _number_in(self.settings["lr"], 0, low_open=True), "a number > 0")
+        for beta in ("beta1", "beta2"):
+            self._check_setting(beta, _number_in(self.settings[beta], 0, 1), "a number in [0, 1)")
+        channels = [self.feature_extractor.channels[layer] for layer in self.layers]
+        strides = [self.feature_extractor.strides[layer] for layer in self.layers]
+        # Built from `seed` alone so every DDP worker starts from identical weights; fork_rng leaves
+        # the caller's global RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.bottleneck = OneClassBottleneck(channels, strides)
+            self.decoder = MirrorDecoder(self.bottleneck.out_channels, channels, strides)
+        self.blur = GaussianBlur2d(sigma=4.0)
+
+    @property
+    def encoder(self):
+        # The base class's frozen, pretrained extractor (an alias, not a second registered module,
+        # which would duplicate its tensors in the state dict).
+        return self.feature_extractor
+
+    def encode_decode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        by_layer = self.encoder(images)
+        encoded = [by_layer[layer] for layer in self.layers]
+        decoded = self.decoder(self.bottleneck(encoded), [f.shape[-2:] for f in encoded])
+        return encoded, decoded
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | AnomalyOutput:
+        encoded, decoded = self.encode_decode(images)
+        if self.training:
+            return {"loss": self.loss(encoded, decoded)}
+        multiply = self.settings["anomaly_map_mode"] == "multiply"
+        anomaly_map = None
+        for enc, dec in zip(encoded, decoded):
+            distance = 1 - F.cosine_similarity(enc, dec, dim=1).unsqueeze(1)
+            # align_corners=True as in anomalib's RD map (its other models use False).
+            distance = F.interpolate(distance, size=(self.image_size, self.image_size), mode="bilinear",
+                                     align_corners=True)
+            if anomaly_map is None:
+                anomaly_map = distance
+            else:
+                anomaly_map = anomaly_map * distance if multiply else anomaly_map + distance
+        anomaly_map = self.blur(anomaly_map)[:, 0]
+        return AnomalyOutput(score=anomaly_map.amax(dim=(-2, -1)), anomaly_map=anomaly_map)
+
+    @staticmethod
+    def loss(encoded: list[torch.Tensor], decoded: list[torch.Tensor]) -> torch.Tensor:
+        """Sum over layers of the mean over batch and positions of 1 - cosine along channels: the
+        paper's eq. 2-3, and the same quantity the anomaly map shows. (anomalib instead takes one
+        cosine per sample over the flattened C*h*w feature, which lets a few strong positions
+        dominate; per position every location counts equally.)"""
+        total = torch.zeros((), device=encoded[0].device)
+        for enc, dec in zip(encoded, decoded):
+            total = total + (1 - F.cosine_similarity(enc, dec, dim=1)).mean()
+        return total
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
+        params = [p for module in (self.bottleneck, self.decoder) for p in module.parameters()
+                  if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=float(self.settings["lr"]),
+                                     betas=(float(self.settings["beta1"]), float(self.settings["beta2"])))
+        return optimizer, None

@@ -1,0 +1,3 @@
+from raylib_ad.models.stfpm.model import Stfpm
+
+__all__ = ["Stfpm"]
