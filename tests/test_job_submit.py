@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,20 +25,23 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def head_node(tmp_path):
+def head_node():
     if not Path(RAY).exists():
         pytest.skip("the ray CLI is not installed next to this Python")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs_port, dashboard_port = free_port(), free_port()
-    # A separate temp dir keeps this cluster apart from the test session's in-process Ray.
+    # A separate, short temp dir (Ray's unix socket paths must stay under 108 bytes) keeps this cluster
+    # apart from the test session's in-process Ray.
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
     start = [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={tmp_path / 'ray'}",
+             f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
              "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env, gcs_port
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_trains_a_model(head_node, synthetic_root, tmp_path, lite0_available):
@@ -44,7 +49,7 @@ def test_ray_job_submit_trains_a_model(head_node, synthetic_root, tmp_path, lite
     out = tmp_path / "run"
     entrypoint = [sys.executable, "jobs/train.py", "--model", "dfm", "--data", "synthetic", "--root",
                   str(synthetic_root), "--category", "widget", "--backbone", "tf_efficientnet_lite0",
-                  "--image-size", "64", "--workers", "2", "--out", str(out), "--no-progress", "--no-mlflow"]
+                  "--image-size", "128", "--workers", "2", "--out", str(out), "--no-progress", "--no-mlflow"]
     result = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                              *entrypoint], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

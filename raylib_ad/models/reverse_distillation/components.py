@@ -75,7 +75,8 @@ class OneClassBottleneck(nn.Module):
                 self.fuse.append(conv_bn_relu(c_in, c_deep, kernel=1))
                 continue
             convs, c = [], c_in
-            for k in range(steps, 0, -1):  # channels grow towards c_deep as the grid halves (RD: 256->512->1024)
+            # Channels grow towards c_deep as the grid halves (RD on wide_resnet50_2: 256 -> 512 -> 1024).
+            for k in range(steps, 0, -1):
                 c_out = c_deep if k == 1 else max(c, c_deep // 2 ** (k - 1))
                 convs.append(conv_bn_relu(c, c_out, kernel=3, stride=2))
                 c = c_out
