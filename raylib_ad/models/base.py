@@ -35,6 +35,9 @@ class AnomalyModel(nn.Module):
     # Gradient models only: epochs when --max-epochs is not given, and gradient-norm clipping (None: off).
     default_epochs: ClassVar[int] = 10
     gradient_clip_val: ClassVar[float | None] = None
+    # "sum" when the loss adds up over the batch (STFPM): DDP averages gradients over workers, so the
+    # loop scales such a loss by the world size to keep N workers x batch b equal to 1 worker x N*b.
+    loss_reduction: ClassVar[str] = "mean"
 
     def __init__(self, backbone: str | None = None, layers: Iterable[str] | None = None, *,
                  pretrained: bool = True, weights: str | None = None, image_size: int = 256,

@@ -32,6 +32,7 @@ from raylib_ad import distributed
 from raylib_ad.artifact import write_model_dir
 from raylib_ad.metrics import auroc
 from raylib_ad.models import create_model
+from raylib_ad.train.steps import training_step
 
 TRAIN_STATE, LATEST_MODEL, BEST_MODEL = "train_state.pt", "latest_model", "best_model"
 VALIDATION_MAP_SIZE = 64  # validation pixel AUROC at 64 px keeps the per-epoch gather small
@@ -103,6 +104,9 @@ def gradient_loop(config: dict[str, Any]) -> None:
     model = create_model(config["model"], **config["model_kwargs"]).to(device)
     optimizer, scheduler = model.configure_optimizers()
     progress = _restore(model, optimizer, scheduler)
+    if device.type == "cuda" and context.get_world_size() > 1:
+        # Batch statistics over the global batch, as one process would compute them (GPU only in torch).
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world_size > 1; fails on unused params
     use_amp = device.type == "cuda"
     train_shard = ray.train.get_dataset_shard("train")
@@ -113,14 +117,9 @@ def gradient_loop(config: dict[str, Any]) -> None:
         ddp_model.train()
         loss_sum, seen, epoch_start = 0.0, 0, time.perf_counter()
         for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = ddp_model(batch["image"])["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if model.gradient_clip_val:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), model.gradient_clip_val)
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(batch["image"])
+            loss = training_step(ddp_model, model, optimizer, batch["image"], world_size=context.get_world_size(),
+                                 use_amp=use_amp)
+            loss_sum += loss * len(batch["image"])
             seen += len(batch["image"])
         if scheduler is not None:
             scheduler.step()

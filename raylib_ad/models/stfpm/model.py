@@ -26,6 +26,7 @@ def _number_in(value, low: float, high: float = math.inf, *, low_open: bool = Fa
 @register_model
 class Stfpm(AnomalyModel):
     name = "stfpm"
+    loss_reduction = "sum"  # anomalib's STFPM loss sums over the batch (its lr 0.4 was tuned so)
     learning_type = "gradient"
     default_backbone = "resnet18"
     default_layers = ("layer1", "layer2", "layer3")
