@@ -40,7 +40,9 @@ def head_node():
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env, gcs_port
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        # Not `ray stop`: that stops every Ray on the machine, the test session's own cluster included.
+        # Every process of this cluster names its temp dir on its command line.
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True, timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
