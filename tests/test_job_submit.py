@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,11 @@ def head_node():
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
     start = [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"]
+             "--disable-usage-stats",
+             # The session's own Ray already holds the default agent ports; the job agent of a second
+             # cluster on the same machine never comes up unless it gets ports of its own.
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env, gcs_port
@@ -52,8 +57,12 @@ def test_ray_job_submit_trains_a_model(head_node, synthetic_root, tmp_path, lite
     entrypoint = [sys.executable, "jobs/train.py", "--model", "dfm", "--data", "synthetic", "--root",
                   str(synthetic_root), "--category", "widget", "--backbone", "tf_efficientnet_lite0",
                   "--image-size", "128", "--workers", "2", "--out", str(out), "--no-progress", "--no-mlflow"]
-    result = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                             *entrypoint], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entrypoint]
+    for _ in range(12):  # the head's job agent can take a while to come up on a busy 2-core machine
+        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        if "No available agent" not in result.stdout + result.stderr:
+            break
+        time.sleep(5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
     metrics = json.loads((out / "metrics.json").read_text())
