@@ -115,8 +115,15 @@ def gradient_loop(config: dict[str, Any]) -> None:
     for epoch in range(progress["epoch"] + 1, config["max_epochs"]):
         _maybe_fail_for_tests(config, epoch, rank)
         ddp_model.train()
-        loss_sum, seen, epoch_start = 0.0, 0, time.perf_counter()
-        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
+        loss_sum, seen, waited, epoch_start = 0.0, 0, 0.0, time.perf_counter()
+        batches = iter(train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
+                                                      prefetch_batches=config.get("prefetch_batches", 2)))
+        while True:
+            ask = time.perf_counter()
+            batch = next(batches, None)  # time spent here is time the step waited for data
+            waited += time.perf_counter() - ask
+            if batch is None:
+                break
             loss = training_step(ddp_model, model, optimizer, batch["image"], world_size=context.get_world_size(),
                                  use_amp=use_amp)
             loss_sum += loss * len(batch["image"])
@@ -128,6 +135,7 @@ def gradient_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1)),
                    "train_images_per_second": float(totals[1]) / train_seconds,
                    "train_images_per_second_per_worker": float(totals[1]) / train_seconds / context.get_world_size(),
+                   "data_wait_fraction": waited / train_seconds,
                    **_validate(model, val_shard, config["batch_size"], device)}
         score = metrics["val_image_auroc"]
         improved = not math.isnan(score) and score > progress["best"]
