@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ SHARED_DATASETS = Path(
     os.environ.get("RAYLIB_AD_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 MAGNETIC_TILE = SHARED_DATASETS / "magnetic_tile"
 MAGNETIC_TILE_SPLIT = SHARED_DATASETS / "magnetic_tile_split.csv"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for process groups and extra Ray clusters)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ Two things would make the comparison fail for reasons that are not DDP's:
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import free_port
 from raylib_ad.models import create_model
 from raylib_ad.train.steps import training_step
 
@@ -58,12 +58,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

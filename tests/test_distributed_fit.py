@@ -4,13 +4,13 @@ workers (tests/test_ray_train.py covers the Ray path end to end)."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from raylib_ad.models import create_model
 from raylib_ad.models.components.coreset import covering_radius
 
@@ -52,12 +52,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(fitted_states(shard), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
