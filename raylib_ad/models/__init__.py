@@ -1,7 +1,7 @@
 """The model zoo: `create_model(name, **kwargs)` finds any model by its name."""
 
-from raylib_ad.models.base import AnomalyModel, AnomalyOutput, create_model, list_models, model_class
-from raylib_ad.models import (  # noqa: F401  (importing registers the models)
+from .base import AnomalyModel, AnomalyOutput, create_model, list_models, model_class
+from . import (  # noqa: F401  (importing registers the models)
     dfkde, dfm, fastflow, padim, patchcore, reverse_distillation, stfpm,
 )
 

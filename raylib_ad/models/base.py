@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raylib_ad.errors import ConfigError
-from raylib_ad.models.components.feature_extractor import FeatureExtractor
+from ..errors import ConfigError
+from .components.feature_extractor import FeatureExtractor
 
 
 @dataclass
@@ -91,7 +91,7 @@ _RESNET_STRIDES = {"act1": 2, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 
 def default_layers_for(backbone: str, resnet_layers: Iterable[str]) -> list[str]:
     """anomalib's default layers, translated by stride to `backbone`'s feature modules
     (tf_efficientnet_lite0: layer1..4 -> blocks.1, blocks.2, blocks.4, blocks.6)."""
-    from raylib_ad.models.components.feature_extractor import feature_layers
+    from .components.feature_extractor import feature_layers
 
     names, strides = feature_layers(backbone)
     if all(layer in names for layer in resnet_layers):

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from raylib_ad import distributed
-from raylib_ad.progress import progress_bar
+from ... import distributed
+from ...progress import progress_bar
 
 
 def johnson_lindenstrauss_dim(n_samples: int, eps: float = 0.9) -> int:
@@ -148,7 +148,7 @@ def _farthest_global_index(values: torch.Tensor, offset: int) -> int:
 
 def covering_radius(points: torch.Tensor, centers: torch.Tensor, chunk: int = 8192) -> float:
     """max over points of the distance to the nearest center: the k-center objective."""
-    from raylib_ad.models.components.nearest_neighbors import nearest_neighbors
+    from .nearest_neighbors import nearest_neighbors
 
     dist, _ = nearest_neighbors(points, centers, k=1, query_chunk=chunk)
     return float(dist.max())

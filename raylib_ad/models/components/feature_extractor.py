@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from raylib_ad.errors import ConfigError
-from raylib_ad.models.components.weights import resolve_weights
+from ...errors import ConfigError
+from .weights import resolve_weights
 
 
 def feature_layers(backbone: str) -> tuple[list[str], list[int]]:

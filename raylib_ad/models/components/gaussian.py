@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from raylib_ad import distributed
+from ... import distributed
 
 
 class Moments:

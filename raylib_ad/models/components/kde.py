@@ -30,7 +30,7 @@ class GaussianKDE(nn.Module):
 
     def log_density(self, points: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """log p(x) for each row of `points` (M, D)."""
-        from raylib_ad.models.components.nearest_neighbors import squared_distances
+        from .nearest_neighbors import squared_distances
 
         white = points.float() @ self.whiten
         out = []

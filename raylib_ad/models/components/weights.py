@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from raylib_ad.errors import WeightsUnavailableError
+from ...errors import WeightsUnavailableError
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 _HUB_HOST = ("huggingface.co", 443)

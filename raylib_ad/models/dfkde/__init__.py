@@ -1,3 +1,3 @@
-from raylib_ad.models.dfkde.model import DFKDE
+from .model import DFKDE
 
 __all__ = ["DFKDE"]

@@ -1,3 +1,3 @@
-from raylib_ad.models.dfm.model import DFM
+from .model import DFM
 
 __all__ = ["DFM"]

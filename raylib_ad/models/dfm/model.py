@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raylib_ad import distributed
-from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
-from raylib_ad.models.components.gaussian import Moments
-from raylib_ad.models.components.pca import PCA
-from raylib_ad.progress import progress_bar
+from ... import distributed
+from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.gaussian import Moments
+from ..components.pca import PCA
+from ...progress import progress_bar
 
 
 @register_model

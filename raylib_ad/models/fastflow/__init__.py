@@ -1,3 +1,3 @@
-from raylib_ad.models.fastflow.model import Fastflow
+from .model import Fastflow
 
 __all__ = ["Fastflow"]

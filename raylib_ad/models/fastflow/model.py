@@ -16,7 +16,7 @@ from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch import nn
 
-from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
+from ..base import AnomalyModel, AnomalyOutput, register_model
 
 
 def _number_in(value, low: float, high: float = math.inf, *, low_open: bool = False) -> bool:

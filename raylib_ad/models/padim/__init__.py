@@ -1,3 +1,3 @@
-from raylib_ad.models.padim.model import Padim
+from .model import Padim
 
 __all__ = ["Padim"]

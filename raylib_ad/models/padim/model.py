@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
-from raylib_ad.models.components.blur import GaussianBlur2d
-from raylib_ad.models.components.embedding import concat_layers, to_patches
-from raylib_ad.models.components.gaussian import Moments
-from raylib_ad.progress import progress_bar
+from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.blur import GaussianBlur2d
+from ..components.embedding import concat_layers, to_patches
+from ..components.gaussian import Moments
+from ...progress import progress_bar
 
 # anomalib's feature counts per backbone; other backbones keep all their channels up to this cap.
 _N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}

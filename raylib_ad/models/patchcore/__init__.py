@@ -1,3 +1,3 @@
-from raylib_ad.models.patchcore.model import PatchCore
+from .model import PatchCore
 
 __all__ = ["PatchCore"]

@@ -17,13 +17,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from raylib_ad import distributed
-from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
-from raylib_ad.models.components.blur import GaussianBlur2d
-from raylib_ad.models.components.coreset import distributed_k_center_greedy, k_center_greedy
-from raylib_ad.models.components.embedding import concat_layers, to_patches
-from raylib_ad.models.components.nearest_neighbors import nearest_neighbors
-from raylib_ad.progress import progress_bar
+from ... import distributed
+from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.blur import GaussianBlur2d
+from ..components.coreset import distributed_k_center_greedy, k_center_greedy
+from ..components.embedding import concat_layers, to_patches
+from ..components.nearest_neighbors import nearest_neighbors
+from ...progress import progress_bar
 
 
 @register_model

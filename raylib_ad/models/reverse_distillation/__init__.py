@@ -1,3 +1,3 @@
-from raylib_ad.models.reverse_distillation.model import ReverseDistillation
+from .model import ReverseDistillation
 
 __all__ = ["ReverseDistillation"]

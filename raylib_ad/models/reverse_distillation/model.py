@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
-from raylib_ad.models.components.blur import GaussianBlur2d
-from raylib_ad.models.reverse_distillation.components import MirrorDecoder, OneClassBottleneck
+from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.blur import GaussianBlur2d
+from .components import MirrorDecoder, OneClassBottleneck
 
 _MAP_MODES = ("add", "multiply")
 

@@ -1,3 +1,3 @@
-from raylib_ad.models.stfpm.model import Stfpm
+from .model import Stfpm
 
 __all__ = ["Stfpm"]

@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raylib_ad.models.base import AnomalyModel, AnomalyOutput, register_model
-from raylib_ad.models.components.feature_extractor import FeatureExtractor
+from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.feature_extractor import FeatureExtractor
 
 
 def _number_in(value, low: float, high: float = math.inf, *, low_open: bool = False) -> bool:
