@@ -21,6 +21,15 @@ MAGNETIC_TILE = SHARED_DATASETS / "magnetic_tile"
 MAGNETIC_TILE_SPLIT = SHARED_DATASETS / "magnetic_tile_split.csv"
 
 
+def write_image(path: Path, size=(32, 32), mode="RGB", value=128) -> Path:
+    """A small solid-colour image file (parents created)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode != "RGB" else (value, value // 2, 30)).save(path)
+    return path
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for process groups and extra Ray clusters)."""
     with socket.socket() as s:

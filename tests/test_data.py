@@ -1,4 +1,4 @@
-"""Tests for raylib_ad.data: layouts, manifest validation, synthetic data, transforms."""
+"""Tests for raylib_ad.data: layouts, manifest validation, synthetic data (transforms: test_transforms.py)."""
 
 from __future__ import annotations
 
@@ -13,42 +13,23 @@ import pytest
 from PIL import Image
 
 from raylib_ad.data import (
-    MANIFEST_SCHEMA,
-    BatchDecoder,
-    build_manifest,
     decode_all,
+    MANIFEST_SCHEMA,
+    build_manifest,
     ensure_mvtec,
     ensure_synthetic,
     folder_manifest,
-    load_image,
-    load_mask,
-    magnetic_tile_manifest,
     make_manifest,
     mvtec_manifest,
-    normalize,
     split_counts,
-    split_file_manifest,
     validate_manifest,
 )
+from conftest import write_image
 from raylib_ad.data import mvtec as mvtec_module
 from raylib_ad.errors import ConfigError, DataError
 
-SHARED_DATASETS = Path(
-    os.environ.get("RAYLIB_AD_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
-)
-MAGNETIC_TILE = SHARED_DATASETS / "magnetic_tile"
-MAGNETIC_TILE_SPLIT = SHARED_DATASETS / "magnetic_tile_split.csv"
-needs_magnetic_tile = pytest.mark.skipif(
-    not MAGNETIC_TILE.is_dir(), reason=f"Magnetic Tile dataset not found at {MAGNETIC_TILE}"
-)
 
 SMALL = dict(n_train=4, n_test_good=2, n_test_defect=4, image_size=48)
-
-
-def write_image(path: Path, size=(32, 32), mode="RGB", value=128) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, value if mode != "RGB" else (value, value // 2, 30)).save(path)
-    return path
 
 
 def rows_of(table: pa.Table) -> list[dict]:
@@ -358,139 +339,6 @@ def test_folder_missing_mask_and_bad_fraction(folder_tree):
         build_manifest("folder", folder_tree, normal_dir="ok", abnormal_dir="ng", mask_dir="masks")
     with pytest.raises(ConfigError, match="test_fraction=1.5"):
         folder_manifest(folder_tree, "ok", "ng", test_fraction=1.5)
-
-
-# --- split files and Magnetic Tile -------------------------------------------------------
-
-
-@needs_magnetic_tile
-def test_magnetic_tile_split_file():
-    table = magnetic_tile_manifest(MAGNETIC_TILE, split_file=MAGNETIC_TILE_SPLIT)
-    assert split_counts(table) == {"train": {"normal": 762, "anomalous": 0}, "test": {"normal": 190, "anomalous": 392}}
-    rows = rows_of(table)
-    assert all(r["mask_path"] for r in rows if r["label"] == 1)
-    assert all(r["mask_path"] is None for r in rows if r["label"] == 0)
-    assert {r["defect"] for r in rows if r["label"] == 1} == {"blowhole", "break", "crack", "fray", "uneven"}
-    assert set(table.column("category").to_pylist()) == {"magnetic_tile"}
-    validate_manifest(table)
-
-
-@needs_magnetic_tile
-def test_magnetic_tile_seeded_split_without_split_file():
-    table = magnetic_tile_manifest(MAGNETIC_TILE, seed=0)
-    assert split_counts(table) == {"train": {"normal": 762, "anomalous": 0}, "test": {"normal": 190, "anomalous": 392}}
-    again = magnetic_tile_manifest(MAGNETIC_TILE, seed=0)
-    other = build_manifest("magnetic_tile", MAGNETIC_TILE, seed=1)
-    assert table.equals(again)
-    assert not table.equals(other)
-    rows = rows_of(table)
-    assert all(r["mask_path"] is None for r in rows if r["label"] == 0)
-    assert all(r["mask_path"] == r["path"][: -len(".jpg")] + ".png" for r in rows if r["label"] == 1)
-
-
-def write_split_file(path: Path, lines: list[str]) -> Path:
-    path.write_text("\r\n".join(lines) + "\r\n")
-    return path
-
-
-def test_split_file_parses_relative_paths(tmp_path):
-    write_image(tmp_path / "imgs" / "n.png")
-    write_image(tmp_path / "imgs" / "a.png")
-    split = write_split_file(
-        tmp_path / "split.csv",
-        ["split,label,defect,image,mask", "train,normal,good,imgs/n.png,", "test,anomalous,dent,imgs/a.png,"],
-    )
-    table = split_file_manifest(tmp_path, split, "unit")
-    assert [(Path(r["path"]), r["label"], r["defect"], r["mask_path"]) for r in rows_of(table)] == [
-        (tmp_path / "imgs" / "a.png", 1, "dent", None),
-        (tmp_path / "imgs" / "n.png", 0, "good", None),
-    ]
-
-
-def test_split_file_bad_header(tmp_path):
-    split = write_split_file(tmp_path / "split.csv", ["split,label,image", "train,normal,a.png"])
-    with pytest.raises(DataError, match=rf"{split}, line 1.*defect, mask"):
-        split_file_manifest(tmp_path, split, "unit")
-
-
-def test_split_file_bad_values_name_line_numbers(tmp_path):
-    split = write_split_file(
-        tmp_path / "split.csv",
-        [
-            "split,label,defect,image,mask",
-            "train,normal,good,a.png,",
-            "validation,normal,good,b.png,",
-            "test,broken,crack,c.png,c_mask.png",
-            "train,anomalous,crack,d.png,d_mask.png",
-        ],
-    )
-    with pytest.raises(DataError) as info:
-        split_file_manifest(tmp_path, split, "unit")
-    message = str(info.value)
-    assert "3 problem(s)" in message
-    assert f"{split}, line 3: split 'validation'" in message
-    assert f"{split}, line 4: label 'broken'" in message
-    assert f"{split}, line 5: an anomalous image in the train split" in message
-
-
-# --- transforms --------------------------------------------------------------------------
-
-
-def test_load_image_grayscale_becomes_rgb(tmp_path):
-    grey = write_image(tmp_path / "grey.png", size=(40, 20), mode="L", value=77)
-    image = load_image(str(grey), 16)
-    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
-    assert (image == 77).all()
-    with pytest.raises(DataError, match=str(tmp_path / "none.png")):
-        load_image(str(tmp_path / "none.png"), 16)
-
-
-def test_load_mask_thresholds_soft_edges(tmp_path):
-    soft = np.zeros((8, 8), dtype=np.uint8)
-    soft[:, 4:] = 255
-    soft[:, 3] = 127  # soft edge just below half: background
-    soft[:, 2] = 100
-    Image.fromarray(soft).save(tmp_path / "soft.png")
-    mask = load_mask(str(tmp_path / "soft.png"), 8)
-    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
-    assert (mask[:, 4:] == 1).all() and (mask[:, :4] == 0).all()
-
-    Image.fromarray((soft == 255).astype(np.uint8)).save(tmp_path / "zero_one.png")
-    assert (load_mask(str(tmp_path / "zero_one.png"), 8) == mask).all()
-    assert load_mask(str(tmp_path / "soft.png"), 16).shape == (16, 16)
-    assert (load_mask(None, 5) == 0).all() and load_mask(None, 5).shape == (5, 5)
-
-
-def test_normalize_layout_and_values():
-    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
-    images[1] = 255
-    out = normalize(images, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
-    assert out.shape == (2, 3, 4, 4) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0, :, 0, 0], [-1.0, -1.0, 0.0])
-    np.testing.assert_allclose(out[1, :, 0, 0], [1.0, 3.0, 1.0], rtol=1e-6)
-
-
-def test_batch_decoder_outputs_numeric_arrays_only(tmp_path):
-    image = write_image(tmp_path / "a.png", size=(20, 10), value=255)
-    defect = write_image(tmp_path / "b.jpg", size=(20, 10), mode="L", value=0)
-    mask = write_image(tmp_path / "b_mask.png", size=(20, 10), mode="L", value=255)
-    batch = {
-        "path": np.array([str(image), str(defect)], dtype=object),
-        "mask_path": np.array([None, str(mask)], dtype=object),
-        "label": np.array([0, 1], dtype=np.int8),
-        "defect": np.array(["good", "crack"], dtype=object),
-    }
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    out = BatchDecoder(8, mean, std)(batch)
-    assert set(out) == {"image", "mask", "label"}
-    assert all(v.dtype.kind in "fiu" for v in out.values())
-    assert out["image"].shape == (2, 3, 8, 8) and out["image"].dtype == np.float32
-    assert out["mask"].shape == (2, 8, 8) and out["mask"].dtype == np.uint8
-    assert out["label"].tolist() == [1 - 1, 1] and out["label"].dtype == np.int64
-    np.testing.assert_allclose(out["image"][0, 0], 2.0)  # red channel 255 -> (1 - .5) / .25
-    np.testing.assert_allclose(out["image"][1], -2.0)  # black -> (0 - .5) / .25
-    assert out["mask"][0].sum() == 0 and (out["mask"][1] == 1).all()
-    assert set(BatchDecoder(8, mean, std, with_masks=False)(batch)) == {"image", "label"}
 
 
 def test_decode_all_keeps_row_order(tmp_path):
