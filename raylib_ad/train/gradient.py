@@ -190,8 +190,10 @@ def fit_gradient(
     max_minutes: float | None = None,
     max_failures: int = 2,
     extra_config: dict[str, Any] | None = None,
+    callbacks: list | None = None,
 ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    """Train on `workers` Ray Train workers; returns (best model dir, last metrics, per-epoch history)."""
+    """Train on `workers` Ray Train workers; returns (best model dir, last metrics, per-epoch history).
+    `callbacks` go to the RunConfig (a Tune sweep passes the callback that forwards each epoch's report)."""
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -203,7 +205,7 @@ def fit_gradient(
         datasets={"train": train_dataset, "val": val_dataset},
         run_config=RunConfig(storage_path=storage_path, name=run_name,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
     )
     result = trainer.fit()
     if result.checkpoint is None:

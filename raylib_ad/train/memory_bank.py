@@ -83,6 +83,7 @@ def fit_memory_bank(
     storage_path: str,
     run_name: str,
     progress: bool = True,
+    callbacks: list | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Run the fit on `workers` Ray Train workers; returns (checkpointed model dir, rank-0 metrics)."""
     use_gpu = gpus_per_worker > 0
@@ -100,7 +101,8 @@ def fit_memory_bank(
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets={"train": train_dataset},
-        run_config=RunConfig(storage_path=storage_path, name=run_name, failure_config=FailureConfig(max_failures=1)),
+        run_config=RunConfig(storage_path=storage_path, name=run_name, failure_config=FailureConfig(max_failures=1),
+                             callbacks=callbacks),
     )
     result = trainer.fit()
     if result.checkpoint is None:
