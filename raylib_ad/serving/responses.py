@@ -1,0 +1,46 @@
+"""A prediction (TrainedModel.predict's dict) -> the JSON the API returns."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from raylib_ad.serving.models import ModelInfo
+
+
+def prediction_response(prediction: dict[str, Any], info: ModelInfo, with_map: bool = False,
+                        filename: str | None = None) -> dict[str, Any]:
+    """{score, normalized_score, is_anomalous, threshold, model: {name, version}[, anomaly_map_png]}.
+    A model directory without stats.json has no threshold: those three fields are null then."""
+    out: dict[str, Any] = {}
+    if filename is not None:
+        out["filename"] = filename
+    out.update({
+        "score": float(prediction["score"]),
+        "normalized_score": _float_or_none(prediction.get("normalized_score")),
+        "is_anomalous": prediction.get("is_anomalous"),
+        "threshold": _float_or_none(prediction.get("threshold")),
+        "model": info.public(),
+    })
+    if with_map:
+        out["anomaly_map_png"] = map_png_base64(prediction)
+    return out
+
+
+def map_png_base64(prediction: dict[str, Any]) -> str | None:
+    """The anomaly map as a base64 PNG (jet colours, 0..1 = normalized scores, 0.5 = threshold), at the
+    model's input size. Raw-map min/max scaling when the model has no stats; None if it has no map."""
+    from raylib_ad.postprocess.plots import anomaly_map_png
+
+    amap = prediction.get("normalized_map")
+    if amap is not None:
+        png = anomaly_map_png(amap, vmin=0.0, vmax=1.0)
+    elif prediction.get("anomaly_map") is not None:
+        png = anomaly_map_png(prediction["anomaly_map"])
+    else:
+        return None
+    return base64.b64encode(png).decode("ascii")
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,182 @@
+"""The Ray-free half of serving: settings, request decoding with limits, model slots, responses.
+`small_model_dir` and `png_bytes` are shared with tests/test_serve.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylib_ad.errors import ConfigError
+from raylib_ad.serving import BadRequest, ModelUnavailable, PayloadTooLarge, ServeSettings, UnknownCategory
+from raylib_ad.serving.decode import decode_image, read_body
+from raylib_ad.serving.models import Catalog, ModelInfo, ModelSlot, dir_fingerprint
+from raylib_ad.serving.responses import prediction_response
+
+SIZE = 64
+
+
+def small_model_dir(directory: Path, threshold_quantile: float = 0.5, seed: int = 0) -> Path:
+    """A fitted PaDiM (64 px, offline tf_efficientnet_lite0) with stats.json, in about a second.
+    `threshold_quantile` moves the deployment threshold, so two directories differ in their answers."""
+    import torch
+
+    from raylib_ad.artifact import write_model_dir
+    from raylib_ad.models import create_model
+    from raylib_ad.postprocess import fit_normalization
+
+    gen = torch.Generator().manual_seed(seed)
+    model = create_model("padim", backbone="tf_efficientnet_lite0", image_size=SIZE, n_features=16)
+    model.fit([torch.randn(6, 3, SIZE, SIZE, generator=gen) for _ in range(2)])
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(6, 3, SIZE, SIZE, generator=gen))
+    scores, maps = out.score.numpy(), out.anomaly_map.numpy()
+    stats = {"image_stats": fit_normalization(scores, float(np.quantile(scores, threshold_quantile))).to_dict(),
+             "pixel_stats": fit_normalization(maps, float(np.quantile(maps, threshold_quantile))).to_dict()}
+    return write_model_dir(model, directory, stats)
+
+
+def png_bytes(width: int = 80, height: int = 60, seed: int = 0, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# ---- settings ------------------------------------------------------------------------------------------
+def test_settings_resolve_dirs_and_name_bad_values(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = ServeSettings.from_dict({"model_dirs": ["widget=models/w"]})
+    assert settings.model_dirs == {"widget": str(tmp_path / "models" / "w")}  # absolute for the replicas
+    with pytest.raises(ConfigError, match=r"unknown serving setting\(s\) \['max_body'\]"):
+        ServeSettings.from_dict({"model_dirs": {"a": "x"}, "max_body": 1})
+    with pytest.raises(ConfigError, match="nothing to serve"):
+        ServeSettings.from_dict({})
+    with pytest.raises(ConfigError, match="needs dataset"):
+        ServeSettings.from_dict({"registry": True})
+    with pytest.raises(ConfigError, match="max_image_pixels must be a positive integer, got 0"):
+        ServeSettings.from_dict({"model_dirs": {"a": "x"}, "max_image_pixels": 0})
+    with pytest.raises(ConfigError, match="CATEGORY=DIR, got 'widget'"):
+        ServeSettings.from_dict({"model_dirs": ["widget"]})
+    with pytest.raises(ConfigError, match="category 'a/b'"):
+        ServeSettings.from_dict({"model_dirs": {"a/b": "x"}})
+
+
+# ---- decoding and limits -------------------------------------------------------------------------------
+def test_decode_gives_rgb_and_refuses_bad_bytes_with_a_message():
+    rgb = decode_image(png_bytes(80, 60), max_pixels=10_000)
+    assert rgb.shape == (60, 80, 3) and rgb.dtype == np.uint8
+    assert decode_image(png_bytes(fmt="JPEG"), 10_000).shape == (60, 80, 3)
+    with pytest.raises(BadRequest, match="request body is empty"):
+        decode_image(b"", 10_000)
+    with pytest.raises(BadRequest, match=r"file 'a.png' is not a readable image \(9 bytes"):
+        decode_image(b"not a png", 10_000, name="file 'a.png'")
+    with pytest.raises(BadRequest, match="not a readable image"):
+        decode_image(png_bytes()[:200], 10_000)  # a truncated PNG: the header reads, the pixels do not
+    with pytest.raises(PayloadTooLarge, match=r"80x60 = 4800 pixels; the limit is 4000 \(max_image_pixels\)"):
+        decode_image(png_bytes(80, 60), max_pixels=4000)
+
+
+def test_read_body_stops_at_the_limit():
+    async def chunks(n, size):
+        for _ in range(n):
+            yield b"x" * size
+
+    async def run():
+        assert await read_body(chunks(3, 10), limit=30) == b"x" * 30
+        with pytest.raises(PayloadTooLarge, match="over 25 bytes"):
+            await read_body(chunks(3, 10), limit=25)  # no Content-Length: counted while streaming
+        with pytest.raises(PayloadTooLarge, match="is 100 bytes; the limit is 25"):
+            await read_body(chunks(0, 0), limit=25, declared_length="100")
+        with pytest.raises(BadRequest, match="Content-Length 'ten'"):
+            await read_body(chunks(0, 0), limit=25, declared_length="ten")
+
+    asyncio.run(run())
+
+
+# ---- catalog and slots ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, lite0_available):
+    root = tmp_path_factory.mktemp("serve_models")
+    return small_model_dir(root / "low", 0.2), small_model_dir(root / "high", 0.8)
+
+
+def test_catalog_and_slot_serve_a_model_dir_and_pick_up_a_rewrite(model_dirs, tmp_path):
+    import shutil
+
+    from raylib_ad.artifact import load
+
+    low, high = model_dirs
+    served = tmp_path / "widget"
+    shutil.copytree(low, served)
+    clock = [0.0]
+    catalog = Catalog(ServeSettings.from_dict({"model_dirs": {"widget": str(served)}}))
+    slot = ModelSlot("widget", catalog, ttl_s=5.0, clock=lambda: clock[0])
+    assert slot.refresh(force=True) is True
+    first = slot.info.version
+    image = decode_image(png_bytes(), 10**6)
+    trained, info = slot.snapshot()
+    assert trained.predict([image]) == load(low).predict([image])
+
+    shutil.rmtree(served)
+    shutil.copytree(high, served)  # a new model where the old one was
+    assert dir_fingerprint(served) != first
+    assert slot.refresh() is False  # within the TTL nobody looks
+    clock[0] = 6.0
+    assert slot.refresh() is True and slot.info.version == dir_fingerprint(served)
+    assert slot.snapshot()[0].predict([image]) == load(high).predict([image])
+
+    with pytest.raises(UnknownCategory, match="'gadget' is not served; served categories: \\['widget'\\]"):
+        catalog.current("gadget")
+
+
+def test_a_broken_new_version_keeps_the_old_one_serving(model_dirs, tmp_path):
+    import shutil
+
+    served = tmp_path / "widget"
+    shutil.copytree(model_dirs[0], served)
+    clock = [0.0]
+    slot = ModelSlot("widget", Catalog(ServeSettings.from_dict({"model_dirs": {"widget": str(served)}})),
+                     ttl_s=1.0, clock=lambda: clock[0])
+    slot.refresh(force=True)
+    served_version = slot.info.version
+    (served / "weights.safetensors").write_bytes(b"garbage")
+    clock[0] = 2.0
+    assert slot.refresh() is False and slot.info.version == served_version  # still serving
+    assert "failed to load" in slot.last_error and "weights" not in served_version
+    with pytest.raises(ModelUnavailable, match="category 'widget'.*failed to load"):
+        slot.refresh(force=True)  # the reload endpoint reports the reason
+
+
+def test_a_broken_model_dir_is_unavailable_not_unknown(tmp_path):
+    (tmp_path / "broken").mkdir()
+    catalog = Catalog(ServeSettings.from_dict({"model_dirs": {"widget": str(tmp_path / "broken")}}))
+    with pytest.raises(ModelUnavailable, match="config.json is missing"):
+        ModelSlot.open("widget", catalog)
+
+
+# ---- responses -----------------------------------------------------------------------------------------
+def test_response_fields_and_map_png():
+    from PIL import Image
+
+    info = ModelInfo("widget", "registry", "raylib_ad-synthetic-widget", 3, "file:///x")
+    amap = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    prediction = {"score": np.float32(2.5), "normalized_score": 0.7, "is_anomalous": True, "threshold": 2.0,
+                  "anomaly_map": amap * 5, "normalized_map": amap}
+    out = prediction_response(prediction, info, with_map=False)
+    assert out == {"score": 2.5, "normalized_score": 0.7, "is_anomalous": True, "threshold": 2.0,
+                   "model": {"name": "raylib_ad-synthetic-widget", "version": 3}}
+    json.dumps(out)  # plain JSON types only (no numpy scalars)
+    with_map = prediction_response(prediction, info, with_map=True, filename="a.png")
+    assert with_map["filename"] == "a.png"
+    png = Image.open(io.BytesIO(base64.b64decode(with_map["anomaly_map_png"])))
+    assert png.size == (64, 64)
+    assert prediction_response({"score": 1.0}, info, with_map=True)["anomaly_map_png"] is None
