@@ -38,6 +38,9 @@ class AnomalyModel(nn.Module):
     # "sum" when the loss adds up over the batch (STFPM): DDP averages gradients over workers, so the
     # loop scales such a loss by the world size to keep N workers x batch b equal to 1 worker x N*b.
     loss_reduction: ClassVar[str] = "mean"
+    # Gradient models with a frozen pretrained part: whether the train-mode forward still needs the
+    # images once it is given that part's output (STFPM's student does; RD and FastFlow do not).
+    needs_images_with_frozen: ClassVar[bool] = True
 
     def __init__(self, backbone: str | None = None, layers: Iterable[str] | None = None, *,
                  pretrained: bool = True, weights: str | None = None, image_size: int = 256,
@@ -72,6 +75,13 @@ class AnomalyModel(nn.Module):
         """Memory-bank models: one pass over the (sharded) training images, then a reduction across
         workers through raylib_ad.distributed. Every worker ends with the same fitted model."""
         raise NotImplementedError(f"{self.name} is trained by the gradient loop, not fit()")
+
+    def frozen_features(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Gradient models: the output of the frozen, pretrained part for these images, or None when
+        there is none. Training images are not augmented, so this never changes from one epoch to the
+        next: the training loop computes it once per image, caches it, and passes it back as
+        forward(images, frozen=...), which then skips the frozen part (a third of STFPM's step)."""
+        return None
 
     # -- shared helpers --------------------------------------------------------------------------
     def upsample(self, maps: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,11 @@ from raylib_ad import distributed
 from raylib_ad.artifact import write_model_dir
 from raylib_ad.metrics import auroc
 from raylib_ad.models import create_model
+from raylib_ad.train.feature_cache import FrozenFeatureCache
 from raylib_ad.train.steps import training_step
 
 TRAIN_STATE, LATEST_MODEL, BEST_MODEL = "train_state.pt", "latest_model", "best_model"
+DEFAULT_FEATURE_CACHE_MB = 3072  # per worker; see train/feature_cache.py
 VALIDATION_MAP_SIZE = 64  # validation pixel AUROC at 64 px keeps the per-epoch gather small
 
 
@@ -60,6 +62,11 @@ def _validate(model, shard, batch_size: int, device) -> dict[str, float]:
         half = VALIDATION_MAP_SIZE**2
         result["val_pixel_auroc"] = _safe_auroc(every[:, 2 : 2 + half].ravel(), every[:, 2 + half :].ravel())
     return result
+
+
+def _frozen_features(model, images: torch.Tensor, use_amp: bool):
+    with torch.no_grad(), torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        return model.frozen_features(images)
 
 
 def _safe_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -109,34 +116,57 @@ def gradient_loop(config: dict[str, Any]) -> None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world_size > 1; fails on unused params
     use_amp = device.type == "cuda"
+    world_size = context.get_world_size()
+    # --batch-size is the global batch (images per optimizer step), as in a single-process run: each
+    # worker takes its share, so the optimization does not change with the number of workers.
+    worker_batch = max(1, config["batch_size"] // world_size)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    cache_mb = config.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)
+    cache = FrozenFeatureCache(cache_mb * 2**20, keep_images=model.needs_images_with_frozen) if cache_mb > 0 else None
     previous_dir, start = None, time.monotonic()
     for epoch in range(progress["epoch"] + 1, config["max_epochs"]):
         _maybe_fail_for_tests(config, epoch, rank)
         ddp_model.train()
         loss_sum, seen, waited, epoch_start = 0.0, 0, 0.0, time.perf_counter()
-        batches = iter(train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
-                                                      prefetch_batches=config.get("prefetch_batches", 2)))
+        from_cache = cache is not None and cache.ready
+        if from_cache:
+            # A fresh order every epoch, as a shuffling DataLoader gives (the stream's order is fixed).
+            shuffle = torch.Generator().manual_seed(config["model_kwargs"].get("seed", 0) * 100003 + epoch * 101 + rank)
+            batches = cache.batches(worker_batch, shuffle)
+        else:
+            batches = ((b["image"], None) for b in train_shard.iter_torch_batches(
+                batch_size=worker_batch, device=device, prefetch_batches=config.get("prefetch_batches", 2)))
         while True:
             ask = time.perf_counter()
-            batch = next(batches, None)  # time spent here is time the step waited for data
+            item = next(batches, None)  # time spent here is time the step waited for data
             waited += time.perf_counter() - ask
-            if batch is None:
+            if item is None:
                 break
-            loss = training_step(ddp_model, model, optimizer, batch["image"], world_size=context.get_world_size(),
-                                 use_amp=use_amp)
-            loss_sum += loss * len(batch["image"])
-            seen += len(batch["image"])
+            images, frozen = item
+            if cache is not None and frozen is None:
+                frozen = _frozen_features(model, images, use_amp)
+                if frozen is None:  # the model has no frozen part: nothing to cache
+                    cache = None
+                else:
+                    cache.add(images, frozen)
+            loss = training_step(ddp_model, model, optimizer, images, world_size=world_size, use_amp=use_amp,
+                                 frozen=frozen)
+            count = len(next(iter(frozen.values()))) if images is None else len(images)
+            loss_sum += loss * count
+            seen += count
+        if cache is not None and not cache.ready:
+            cache.seal()
         if scheduler is not None:
             scheduler.step()
         totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(seen)], dtype=torch.float64))
         train_seconds = time.perf_counter() - epoch_start
         metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1)),
                    "train_images_per_second": float(totals[1]) / train_seconds,
-                   "train_images_per_second_per_worker": float(totals[1]) / train_seconds / context.get_world_size(),
+                   "train_images_per_second_per_worker": float(totals[1]) / train_seconds / world_size,
+                   "from_feature_cache": from_cache,
                    "data_wait_fraction": waited / train_seconds,
-                   **_validate(model, val_shard, config["batch_size"], device)}
+                   **_validate(model, val_shard, worker_batch, device)}
         score = metrics["val_image_auroc"]
         improved = not math.isnan(score) and score > progress["best"]
         if improved:

@@ -59,6 +59,7 @@ class Fastflow(AnomalyModel):
     # anomalib's defaults; optimizer Adam(lr=1e-3, weight_decay=1e-5), no scheduler.
     defaults = {"flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0, "lr": 1e-3, "weight_decay": 1e-5}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
+    needs_images_with_frozen = False  # trains on the backbone's features alone
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -92,9 +93,13 @@ class Fastflow(AnomalyModel):
         side = math.ceil(self.image_size / self.feature_extractor.strides[layer])
         return self.feature_extractor.channels[layer], side, side
 
-    def latents(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def frozen_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.feature_extractor(images)
+
+    def latents(self, images: torch.Tensor | None, frozen: dict[str, torch.Tensor] | None = None
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per level: z (B, C, h, w) and log|det J| (B,)."""
-        features = self.feature_extractor(images)
+        features = frozen if frozen is not None else self.feature_extractor(images)
         latents, log_jacobians = [], []
         for layer, norm, flow in zip(self.layers, self.norms, self.flows):
             # contiguous: the extractor returns channels_last, and LayerNorm/FrEIA's reshapes want NCHW.
@@ -103,8 +108,9 @@ class Fastflow(AnomalyModel):
             log_jacobians.append(log_jac)
         return latents, log_jacobians
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | AnomalyOutput:
-        latents, log_jacobians = self.latents(images)
+    def forward(self, images: torch.Tensor | None, frozen: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor] | AnomalyOutput:
+        latents, log_jacobians = self.latents(images, frozen)
         if self.training:
             return {"loss": self.loss(latents, log_jacobians)}
         level_maps = []

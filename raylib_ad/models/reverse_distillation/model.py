@@ -40,6 +40,7 @@ class ReverseDistillation(AnomalyModel):
     # anomalib: Adam(lr=0.005, betas=(0.5, 0.99)) over decoder + bottleneck; maps added by default.
     defaults = {"anomaly_map_mode": "add", "lr": 0.005, "beta1": 0.5, "beta2": 0.99}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
+    needs_images_with_frozen = False  # trains on the encoder's features alone
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,14 +65,19 @@ class ReverseDistillation(AnomalyModel):
         # which would duplicate its tensors in the state dict).
         return self.feature_extractor
 
-    def encode_decode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        by_layer = self.encoder(images)
+    def frozen_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.encoder(images)
+
+    def encode_decode(self, images: torch.Tensor | None, frozen: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        by_layer = frozen if frozen is not None else self.encoder(images)
         encoded = [by_layer[layer] for layer in self.layers]
         decoded = self.decoder(self.bottleneck(encoded), [f.shape[-2:] for f in encoded])
         return encoded, decoded
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | AnomalyOutput:
-        encoded, decoded = self.encode_decode(images)
+    def forward(self, images: torch.Tensor | None, frozen: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor] | AnomalyOutput:
+        encoded, decoded = self.encode_decode(images, frozen)
         if self.training:
             return {"loss": self.loss(encoded, decoded)}
         multiply = self.settings["anomaly_map_mode"] == "multiply"

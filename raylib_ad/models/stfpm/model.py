@@ -53,8 +53,12 @@ class Stfpm(AnomalyModel):
         # twice would put shared tensors in the state dict, which safetensors refuses to save.
         return self.feature_extractor
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | AnomalyOutput:
-        teacher_features = self.teacher(images)
+    def frozen_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.teacher(images)
+
+    def forward(self, images: torch.Tensor, frozen: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor] | AnomalyOutput:
+        teacher_features = frozen if frozen is not None else self.teacher(images)
         student_features = self.student(images)
         if self.training:
             return {"loss": self.loss(teacher_features, student_features)}
