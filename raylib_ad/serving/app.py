@@ -29,7 +29,7 @@ from starlette.formparsers import MultiPartException
 from raylib_ad.serving.decode import decode_image, read_body
 from raylib_ad.serving.errors import BadRequest, PayloadTooLarge, ServingError
 from raylib_ad.serving.models import Catalog, ModelSlot, resolve_device
-from raylib_ad.serving.responses import prediction_response
+from raylib_ad.serving.responses import score_group
 from raylib_ad.serving.settings import ServeSettings
 
 # Read when the replica imports this module; set it in the deployment's runtime_env to change it.
@@ -163,18 +163,12 @@ class AnomalyDetector:
         results: list[Any] = [None] * len(jobs)
         for indices in groups.values():
             try:
-                outputs = await asyncio.to_thread(_predict_group, [jobs[i] for i in indices])
+                outputs = await asyncio.to_thread(score_group, [jobs[i] for i in indices])
             except Exception as err:  # returned, not raised: the other categories' requests still succeed
                 outputs = [err] * len(indices)
             for i, output in zip(indices, outputs):
                 results[i] = output
         return results
-
-
-def _predict_group(jobs: list[tuple[ModelSlot, Any, bool, str | None]]) -> list[dict[str, Any]]:
-    trained, info = jobs[0][0].snapshot()  # one model for the whole group, even if a reload lands now
-    predictions = trained.predict([array for _, array, _, _ in jobs], with_maps=any(m for _, _, m, _ in jobs))
-    return [prediction_response(p, info, with_map, name) for p, (_, _, with_map, name) in zip(predictions, jobs)]
 
 
 def build_app(args: dict[str, Any] | None = None):

@@ -27,6 +27,15 @@ def prediction_response(prediction: dict[str, Any], info: ModelInfo, with_map: b
     return out
 
 
+def score_group(jobs: list[tuple[Any, Any, bool, str | None]]) -> list[dict[str, Any]]:
+    """(slot, RGB array, with_map, filename) jobs of ONE category -> their responses, from one forward pass.
+    (Here rather than in app.py: Serve pickles the deployment class by value, and a helper defined beside
+    it would not travel with it.)"""
+    trained, info = jobs[0][0].snapshot()  # one model for the whole group, even if a reload lands meanwhile
+    predictions = trained.predict([array for _, array, _, _ in jobs], with_maps=any(m for _, _, m, _ in jobs))
+    return [prediction_response(p, info, with_map, name) for p, (_, _, with_map, name) in zip(predictions, jobs)]
+
+
 def map_png_base64(prediction: dict[str, Any]) -> str | None:
     """The anomaly map as a base64 PNG (jet colours, 0..1 = normalized scores, 0.5 = threshold), at the
     model's input size. Raw-map min/max scaling when the model has no stats; None if it has no map."""
