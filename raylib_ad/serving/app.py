@@ -171,13 +171,15 @@ class AnomalyDetector:
         return results
 
 
-def build_app(args: dict[str, Any] | None = None):
-    """Application builder for `serve run` (the `args:` of serve/config.yaml) and `raylib-ad serve`.
-    Settings are checked here, on the driver, and the tracking URI is pinned here: replicas do not share
-    the driver's working directory, where the default ./mlflow.db lives."""
+def build_app(args: dict[str, Any] | None = None, **deployment_options: Any):
+    """Application builder for `serve run` (the `args:` of serve/config.yaml) and `raylib-ad serve`
+    (which passes deployment options: ray_actor_options, autoscaling_config, ...). Settings are checked
+    here, on the driver, and the tracking URI is pinned here: replicas do not share the driver's working
+    directory, where the default ./mlflow.db lives."""
     settings = ServeSettings.from_dict(args)
     if settings.registry and not settings.tracking_uri:
         from raylib_ad.tracking.mlflow_run import tracking_uri
 
         settings = ServeSettings.from_dict({**settings.to_dict(), "tracking_uri": tracking_uri()})
-    return AnomalyDetector.bind(settings.to_dict())
+    deployment = AnomalyDetector.options(**deployment_options) if deployment_options else AnomalyDetector
+    return deployment.bind(settings.to_dict())
