@@ -28,8 +28,17 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("models", help="list the available models")
 
+    from raylib_ad.serving.cli import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="serve champion models / model directories over HTTP (Ray Serve)")
+    add_serve_arguments(serve)
+
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve":
+            from raylib_ad.serving.cli import run_serve
+
+            return run_serve(args)
         if args.command == "train":
             return _train(args)
         if args.command == "predict":
