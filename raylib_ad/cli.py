@@ -1,4 +1,4 @@
-"""The `raylib-ad` command: train, predict, models. jobs/*.py call the same functions."""
+"""The `raylib-ad` command: train, predict, models, sweep. jobs/*.py call the same functions."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("models", help="list the available models")
 
+    from raylib_ad.tuning.arguments import add_sweep_arguments
+
+    sweep = sub.add_parser("sweep", help="Tune sweep over categories x models; registers a champion per category")
+    add_sweep_arguments(sweep)
+
     from raylib_ad.serving.cli import add_serve_arguments
 
     serve = sub.add_parser("serve", help="serve champion models / model directories over HTTP (Ray Serve)")
@@ -45,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "models":
             return _models()
+        if args.command == "sweep":
+            from raylib_ad.tuning.sweep import main_sweep
+
+            return main_sweep(args)
     except RaylibADError as err:
         print(f"raylib-ad: error: {err}", file=sys.stderr)
         return 2

@@ -48,13 +48,16 @@ def log_training_run(
     run_name: str,
     params: dict[str, Any],
     metrics: dict[str, float],
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None,
     artifacts: list[str | os.PathLike],
     tags: dict[str, str] | None = None,
     uri: str | None = None,
     history: list[dict[str, Any]] | None = None,
+    parent_run_id: str | None = None,
 ) -> str | None:
-    """Log one run; returns its run id, or None (with a message on stderr) if tracking failed."""
+    """Log one run; returns its run id, or None (with a message on stderr) if tracking failed.
+    `parent_run_id` nests it under a sweep's parent run; `model_dir=None` logs no model (a sweep logs
+    model directories only for the trials it evaluated on the test split)."""
     uri = uri or tracking_uri()
     if not _server_reachable(uri):
         print(f"[raylib_ad] MLflow tracking server {uri} is unreachable; the trained model is safe in "
@@ -67,14 +70,15 @@ def log_training_run(
         mlflow.set_experiment(experiment)
         flat: dict[str, Any] = {}
         _flatten("", params, flat)
-        with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
+        with mlflow.start_run(run_name=run_name, tags=tags or {}, parent_run_id=parent_run_id) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
             for record in history or []:  # per-epoch curves of gradient-trained models
                 step = int(record["epoch"])
                 mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in record.items()
                                     if isinstance(v, (int, float)) and k != "epoch"}, step=step)
-            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+            if model_dir is not None:
+                mlflow.log_artifacts(str(model_dir), artifact_path="model")
             for path in artifacts:
                 if Path(path).is_file():
                     mlflow.log_artifact(str(path), artifact_path="plots" if str(path).endswith(".png") else None)
@@ -83,3 +87,45 @@ def log_training_run(
         print(f"[raylib_ad] MLflow logging to {uri} failed ({type(err).__name__}: {err}); the trained model "
               f"is safe in {model_dir}.", file=sys.stderr)
         return None
+
+
+def start_parent_run(*, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                     uri: str | None = None) -> str | None:
+    """Create (and end) a sweep's parent run; trials nest under it by id, so a resumed sweep keeps
+    adding to the same parent. Returns its id, or None (reported on stderr) if tracking failed."""
+    uri = uri or tracking_uri()
+    if not _server_reachable(uri):
+        print(f"[raylib_ad] MLflow tracking server {uri} is unreachable; the sweep is not logged.", file=sys.stderr)
+        return None
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        flat: dict[str, Any] = {}
+        _flatten("", params, flat)
+        with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            return run.info.run_id
+    except Exception as err:  # tracking must never stop a sweep
+        print(f"[raylib_ad] MLflow logging to {uri} failed ({type(err).__name__}: {err})", file=sys.stderr)
+        return None
+
+
+def log_to_run(run_id: str, *, metrics: dict[str, float] | None = None, artifacts: list[str | os.PathLike] = (),
+               uri: str | None = None) -> bool:
+    """Add metrics and files to an existing run (a sweep's parent, once the sweep is done)."""
+    uri = uri or tracking_uri()
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        for key, value in (metrics or {}).items():
+            client.log_metric(run_id, key, float(value))
+        for path in artifacts:
+            if Path(path).is_file():
+                client.log_artifact(run_id, str(path), artifact_path="plots" if str(path).endswith(".png") else None)
+        return True
+    except Exception as err:  # tracking must never lose results already on disk
+        print(f"[raylib_ad] MLflow logging to {uri} failed ({type(err).__name__}: {err})", file=sys.stderr)
+        return False

@@ -59,6 +59,7 @@ def memory_bank_loop(config: dict[str, Any]) -> None:
         "worker_peak_rss_mb": peak_rss_mb,
         "worker_gpu_peak_mb": _gather_floats(gpu_peak_mb),
         "world_size": context.get_world_size(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # where rank 0 ran (sweeps record it)
         **getattr(model, "fit_timings", {}),
     }
     if hasattr(model, "memory_bank"):

@@ -31,14 +31,16 @@ SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1", "fit_se
                 "peak_memory_mb")
 
 
-def prepare(options: TrainOptions):
-    """Everything that can fail on bad input, done before any worker starts."""
+def prepare(options: TrainOptions, validate: bool = True):
+    """Everything that can fail on bad input, done before any worker starts. `validate=False` skips
+    decoding every image once (a sweep validates each category once, not once per trial)."""
     cls = model_class(options.model)
     category = options.resolved_category()
     table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed,
                            normal_dir=options.normal_dir, abnormal_dir=options.abnormal_dir,
                            mask_dir=options.mask_dir)
-    validate_manifest(table)
+    if validate:
+        validate_manifest(table)
     kwargs = options.model_kwargs()
     backbone = kwargs.get("backbone", cls.default_backbone)
     if kwargs.get("pretrained", True):
@@ -106,7 +108,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     return metrics
 
 
-def _fit_on_ray(options, cls, kwargs, backbone, train_rows, val_rows, out) -> dict[str, Any]:
+def _fit_on_ray(options, cls, kwargs, backbone, train_rows, val_rows, out, callbacks=None) -> dict[str, Any]:
     """The Ray part of a run: shard the images, fit on the workers, fetch the model directory."""
     from raylib_ad.data.ray_dataset import manifest_to_dataset
     from raylib_ad.train.ray_setup import cluster_cpus, ensure_ray
@@ -125,18 +127,80 @@ def _fit_on_ray(options, cls, kwargs, backbone, train_rows, val_rows, out) -> di
         val = manifest_to_dataset(val_rows, options.image_size, mean, std, with_masks=True)
         model_dir, worker_metrics, history = fit_gradient(
             cls.name, kwargs, train, val, max_epochs=options.max_epochs or cls.default_epochs,
-            patience=options.patience, max_minutes=options.max_minutes, **common)
+            patience=options.patience, max_minutes=options.max_minutes, callbacks=callbacks, **common)
         _plot_history(history, out)
     else:
         from raylib_ad.train.memory_bank import fit_memory_bank
 
-        model_dir, worker_metrics = fit_memory_bank(cls.name, kwargs, train, progress=options.progress, **common)
+        model_dir, worker_metrics = fit_memory_bank(cls.name, kwargs, train, progress=options.progress,
+                                                    callbacks=callbacks, **common)
         history = []
         digests = set(worker_metrics["worker_digests"])
         if len(digests) != 1:
             raise RuntimeError(f"workers ended with different models (digests {sorted(digests)}); refusing to save")
     return {"model_dir": model_dir, "worker_metrics": worker_metrics, "history": history,
             "seconds": time.perf_counter() - start}
+
+
+# --- sweeps: a trial is scored on the validation subset only; the held-out rest once, on winners ----------
+
+
+def fit_and_validate(options: TrainOptions, *, callbacks: list | None = None,
+                     validate_data: bool = True) -> dict[str, Any]:
+    """A sweep trial: fit, then score ONLY the validation subset of the test split (the one run_training
+    fits thresholds on). The held-out rest stays unseen until test_on_heldout, so selecting among trials
+    never looks at the images the winner is finally measured on. Writes out/model."""
+    cls, category, table, kwargs, backbone = prepare(options, validate=validate_data)
+    out = Path(options.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    test_rows = table.filter(_split_mask(table, "test"))
+    val_idx, _ = carve_validation(test_rows.column("label").to_numpy(), options.val_fraction, options.seed)
+    val_rows = test_rows.take(val_idx)
+    fit = _fit_on_ray(options, cls, kwargs, backbone, table.filter(_split_mask(table, "train")), val_rows, out,
+                      callbacks=callbacks)
+    final_dir = out / "model"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    shutil.copytree(fit["model_dir"], final_dir)
+    model = read_model(final_dir, device=_eval_device(options))
+    scored = score_split(model, val_rows, batch_size=options.batch_size, progress=False)
+    return {"model_dir": str(final_dir), "val": _threshold_free(scored, "val_"), "history": fit["history"],
+            "fit_seconds": fit["seconds"], "worker_metrics": fit["worker_metrics"], "backbone": backbone,
+            "layers": list(model.layers), "settings": dict(model.settings), "n_validation": int(val_idx.size)}
+
+
+def test_on_heldout(options: TrainOptions, model_dir: str | Path) -> dict[str, Any]:
+    """Score the whole test split once with a trained model: threshold and normalization are fitted on
+    the validation subset (written into model_dir/stats.json so the directory serves as run_training's
+    does); the returned test_* metrics use only the held-out images outside that subset."""
+    cls, category, table, kwargs, backbone = prepare(options, validate=False)
+    test_rows = table.filter(_split_mask(table, "test"))
+    model = read_model(model_dir, device=_eval_device(options))
+    scored = score_split(model, test_rows, batch_size=options.batch_size, progress=options.progress)
+    report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
+                               val_fraction=options.val_fraction, seed=options.seed)
+    held = np.asarray(report["heldout_idx"], dtype=np.int64)
+    sub = type(scored)(labels=scored.labels[held], scores=scored.scores[held],
+                       masks=None if scored.masks is None else scored.masks[held],
+                       maps=None if scored.maps is None else scored.maps[held], seconds=scored.seconds)
+    metrics = {**_threshold_free(sub, "test_"), "test_image_f1": report["metrics"]["image_f1"],
+               "n_test_heldout": int(held.size), "n_validation": report["n_validation"]}
+    stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
+    stats["metrics"] = metrics
+    stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}
+    write_stats(model_dir, stats)
+    return metrics
+
+
+def _threshold_free(scored, prefix: str) -> dict[str, float]:
+    """Image AUROC, and pixel AUROC/AUPRO where the masks hold anomalous pixels, on raw scores."""
+    from raylib_ad.metrics import aupro, auroc, pixel_auroc
+
+    metrics = {f"{prefix}image_auroc": float(auroc(scored.labels, scored.scores))}
+    if scored.masks is not None and scored.maps is not None and bool(np.asarray(scored.masks).any()):
+        metrics[f"{prefix}pixel_auroc"] = float(pixel_auroc(scored.masks, scored.maps))
+        metrics[f"{prefix}pixel_aupro"] = float(aupro(scored.masks, scored.maps))
+    return metrics
 
 
 def _plot_history(history: list[dict[str, Any]], out: Path) -> None:

@@ -23,6 +23,8 @@ class DFKDE(AnomalyModel):
     default_backbone = "resnet18"
     default_layers = ("layer4",)
     defaults = {"n_pca_components": 16, "feature_scaling_method": "scale", "max_training_points": 40000}
+    # Sweep defaults (raylib_ad/tuning/space.py format).
+    search_space = {"n_pca_components": {"choice": [8, 16, 32]}, "layers": {"choice": [["layer4"], ["layer3"]]}}
     produces_maps = False
 
     def __init__(self, *args, **kwargs):

@@ -25,6 +25,8 @@ class DFM(AnomalyModel):
     default_backbone = "resnet50"
     default_layers = ("layer3",)
     defaults = {"pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre", "moments_max_dim": 4096}
+    # Sweep defaults (raylib_ad/tuning/space.py format).
+    search_space = {"pca_level": {"uniform": [0.9, 0.995]}, "score_type": {"choice": ["fre", "nll"]}}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -26,6 +26,12 @@ class Padim(AnomalyModel):
     default_backbone = "resnet18"
     default_layers = ("layer1", "layer2", "layer3")
     defaults = {"n_features": None, "covariance_regularization": 0.01}
+    # Sweep defaults (raylib_ad/tuning/space.py format). 150 features fit every layer choice on resnet18
+    # and tf_efficientnet_lite0 (layer2+3 there has 152 channels).
+    search_space = {
+        "n_features": {"choice": [50, 100, 150]},
+        "layers": {"choice": [["layer1", "layer2", "layer3"], ["layer2", "layer3"]]},
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

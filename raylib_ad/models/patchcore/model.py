@@ -43,6 +43,12 @@ class PatchCore(AnomalyModel):
         "coreset_mode": "exact",
         "query_chunk": 8192,  # rows of test patches per distance GEMM; bounds inference memory
     }
+    # Sweep defaults (raylib_ad/tuning/space.py format). Layers in ResNet names, translated by stride.
+    search_space = {
+        "coreset_sampling_ratio": {"loguniform": [0.01, 0.1]},
+        "num_neighbors": {"choice": [1, 3, 5, 9]},
+        "layers": {"choice": [["layer2", "layer3"], ["layer1", "layer2", "layer3"], ["layer3"]]},
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

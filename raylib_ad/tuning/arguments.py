@@ -1,0 +1,50 @@
+"""`raylib-ad sweep` flags. Kept apart from sweep.py so building the CLI parser imports no torch or Ray."""
+
+from __future__ import annotations
+
+import argparse
+
+from raylib_ad.options import TrainOptions, parse_settings
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep's own flags, plus the data/training flags of `raylib-ad train` that apply to every trial."""
+    parser.add_argument("--model", required=True, help="model name(s), comma-separated: patchcore,padim")
+    parser.add_argument("--data", default="synthetic", choices=["mvtec", "folder", "magnetic_tile", "synthetic"])
+    parser.add_argument("--root", default="datasets", help="dataset root folder")
+    parser.add_argument("--categories", help="'all' (the 15 MVTec AD categories) or c1,c2,...")
+    parser.add_argument("--num-samples", type=int, default=4, help="trials per category and model "
+                        "(the first is the model's default configuration)")
+    parser.add_argument("--search-space", help="YAML file: model -> {key: distribution} (see tuning/space.py)")
+    parser.add_argument("--scheduler", default="asha", choices=["asha", "fifo"])
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
+    parser.add_argument("--max-concurrent", type=int, help="trials in flight (default: what the CPUs allow)")
+    for flag, kw in (("--split-file", {}), ("--normal-dir", {}), ("--abnormal-dir", {}), ("--mask-dir", {}),
+                     ("--backbone", {}), ("--weights", {}), ("--image-size", {"type": int, "default": 256}),
+                     ("--workers", {"type": int, "default": 1}), ("--cpus-per-worker", {"type": float}),
+                     ("--batch-size", {"type": int, "default": 32}), ("--max-epochs", {"type": int}),
+                     ("--max-minutes", {"type": float}), ("--patience", {"type": int}),
+                     ("--seed", {"type": int, "default": 0}), ("--val-fraction", {"type": float, "default": 0.3})):
+        parser.add_argument(flag, **kw)
+    parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
+                        help="fixed setting for every model that has it (repeatable)")
+    parser.add_argument("--out", default="runs/sweep", help="sweep directory (rerun with it to resume)")
+    parser.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
+    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def options_from_args(args: argparse.Namespace):
+    from raylib_ad.tuning.sweep import SweepOptions
+
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    names = TrainOptions.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in names and k not in ("model", "out")}
+    values["settings"] = parse_settings(args.settings)
+    base = TrainOptions(model=models[0] if models else "", **values)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    return SweepOptions(models=models, base=base, categories=categories, num_samples=args.num_samples,
+                        search_space=args.search_space, scheduler=args.scheduler, gpus_per_trial=args.gpus_per_trial,
+                        max_concurrent=args.max_concurrent, out=args.out)
+
+
