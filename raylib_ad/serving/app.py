@@ -171,11 +171,16 @@ class AnomalyDetector:
         return results
 
 
-def build_app(args: dict[str, Any] | None = None, **deployment_options: Any):
-    """Application builder for `serve run` (the `args:` of serve/config.yaml) and `raylib-ad serve`
-    (which passes deployment options: ray_actor_options, autoscaling_config, ...). Settings are checked
-    here, on the driver, and the tracking URI is pinned here: replicas do not share the driver's working
-    directory, where the default ./mlflow.db lives."""
+def build_app(args: dict[str, Any] | None = None):
+    """Application builder for `serve run serve/config.yaml` (its `args:`); Serve wants exactly one
+    parameter here. Deployment options (replicas, CPUs, GPUs) come from the config's `deployments:`."""
+    return build_application(args)
+
+
+def build_application(args: dict[str, Any] | None = None, **deployment_options: Any):
+    """The application, with deployment options (ray_actor_options, autoscaling_config, ...) as
+    `raylib-ad serve` passes them. Settings are checked here, on the driver, and the tracking URI is
+    pinned here: replicas do not share the driver's working directory, where the default ./mlflow.db is."""
     settings = ServeSettings.from_dict(args)
     if settings.registry and not settings.tracking_uri:
         from raylib_ad.tracking.mlflow_run import tracking_uri

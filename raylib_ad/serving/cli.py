@@ -39,7 +39,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start (or join: RAY_ADDRESS) a Ray cluster, deploy, and serve until Ctrl-C."""
-    from raylib_ad.serving.app import build_app
+    from raylib_ad.serving.app import build_application
     from raylib_ad.serving.settings import ServeSettings
 
     settings = ServeSettings.from_dict({  # checked before Ray starts: a typo costs no cluster start
@@ -49,7 +49,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_files": args.max_files, "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s, "torch_threads": args.torch_threads,
     })
-    app = build_app(settings.to_dict(),
+    app = build_application(settings.to_dict(),
                     ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
                     autoscaling_config={"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                                         "target_ongoing_requests": args.target_ongoing_requests})
