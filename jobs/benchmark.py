@@ -1,9 +1,13 @@
-"""Benchmark the memory-bank models: fit seconds, test images/second, peak memory, coreset time.
+"""Benchmark the models: accuracy, fit seconds, test images/second, peak memory, coreset time; for the
+gradient-trained models also training images/second (per worker) and its scaling over worker counts.
 
     # the issue's reference settings on Magnetic Tile (Huang et al., "Surface defect saliency of
     # magnetic tile", The Visual Computer 2020), 2 Ray Train workers:
     python jobs/benchmark.py --data magnetic_tile --root ../shared/datasets/magnetic_tile \
         --split-file ../shared/datasets/magnetic_tile_split.csv --workers 2 --out bench_out
+
+    # gradient models, scaling from 1 to 2 workers (2 epochs: the streamed first and a cached second)
+    python jobs/benchmark.py --models stfpm,reverse_distillation,fastflow --workers 1,2 --max-epochs 2 ...
 
     # the model code alone, no Ray (e.g. on a GPU machine that has no Ray installed):
     python jobs/benchmark.py --no-ray --device cuda ...
@@ -27,9 +31,16 @@ PRESETS = {
     "padim": ({"n_features": 100}, ["blocks.1", "blocks.2", "blocks.4"]),
     "dfm": ({"pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre"}, ["blocks.4"]),
     "dfkde": ({"n_pca_components": 16, "max_training_points": 40000}, ["blocks.6"]),
+    # gradient-trained: anomalib's defaults, the layers of issue #3's reference run
+    "stfpm": ({}, ["blocks.1", "blocks.2", "blocks.4"]),
+    "reverse_distillation": ({}, ["blocks.1", "blocks.2", "blocks.4"]),
+    "fastflow": ({}, ["blocks.1", "blocks.2", "blocks.4"]),
 }
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_aupro", "fit_seconds", "coreset_seconds",
            "test_images_per_second", "peak_memory_mb")
+GRADIENT_COLUMNS = ("workers", "epochs", "best_epoch", "image_auroc", "pixel_auroc", "pixel_aupro", "fit_seconds",
+                    "train_images_per_second", "first_epoch_images_per_second", "cached_epoch_images_per_second",
+                    "train_images_per_second_per_worker")
 
 
 def hardware() -> str:
@@ -42,17 +53,32 @@ def hardware() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
-def run_with_ray(args, name: str) -> dict:
+def run_with_ray(args, name: str, workers: int) -> dict:
+    from raylib_ad.models import model_class
     from raylib_ad.options import TrainOptions
     from raylib_ad.train.run import run_training
 
     settings, layers = PRESETS[name]
+    out = Path(args.out) / f"{name}_w{workers}"
     options = TrainOptions(model=name, data=args.data, root=args.root, category=args.category,
                            split_file=args.split_file, backbone=args.backbone, layers=layers,
-                           image_size=args.image_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                           batch_size=args.batch_size, settings=dict(settings), out=f"{args.out}/{name}",
-                           mlflow=False, progress=False)
-    return run_training(options)
+                           image_size=args.image_size, workers=workers, gpus_per_worker=args.gpus_per_worker,
+                           batch_size=args.batch_size, settings=dict(settings), out=str(out),
+                           max_epochs=args.max_epochs, mlflow=False, progress=False)
+    metrics = run_training(options)
+    if model_class(name).learning_type == "gradient":
+        metrics.update(epoch_throughput(json.loads((out / "history.json").read_text()), workers))
+    return metrics
+
+
+def epoch_throughput(history: list[dict], workers: int) -> dict:
+    """Training images/second of the first (streamed, decoding) epoch and of the later epochs served
+    from the workers' frozen-feature cache, which is what a long run mostly consists of."""
+    cached = [h["train_images_per_second"] for h in history if h.get("from_feature_cache")]
+    mean = sum(h["train_images_per_second"] for h in history) / len(history)
+    return {"workers": workers, "first_epoch_images_per_second": history[0]["train_images_per_second"],
+            "cached_epoch_images_per_second": sum(cached) / len(cached) if cached else None,
+            "train_images_per_second_per_worker": mean / workers}
 
 
 def run_without_ray(args, name: str) -> dict:
@@ -64,8 +90,10 @@ def run_without_ray(args, name: str) -> dict:
     from raylib_ad.data.transforms import decode_all
     from raylib_ad.evaluation import score_split
     from raylib_ad.metrics import evaluation_report
-    from raylib_ad.models import create_model
+    from raylib_ad.models import create_model, model_class
 
+    if model_class(name).learning_type == "gradient":
+        raise SystemExit(f"--no-ray times memory-bank fits; {name} trains through Ray Train (drop --no-ray)")
     settings, layers = PRESETS[name]
     table = build_manifest(args.data, args.root, args.category, split_file=args.split_file)
     train = table.filter(pc.equal(table.column("split"), "train"))
@@ -93,11 +121,30 @@ def run_without_ray(args, name: str) -> dict:
             "n_train": sum(len(b) for b in images)}
 
 
-def markdown(rows: dict[str, dict]) -> str:
-    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+def markdown(rows: dict[str, dict], columns=COLUMNS) -> str:
+    lines = ["| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
-        cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else "–" for c in COLUMNS]
+        cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "–"))
+                 for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scaling(rows: dict[str, dict]) -> str:
+    """Per gradient model: training images/second at each worker count relative to the fewest workers."""
+    lines = ["| model | workers | train img/s | per worker | speed-up | cached-epoch img/s |", "|---" * 6 + "|"]
+    by_model: dict[str, list[dict]] = {}
+    for key, metrics in rows.items():
+        if "workers" in metrics:
+            by_model.setdefault(key.rsplit("_w", 1)[0], []).append(metrics)
+    for name, runs in by_model.items():
+        runs.sort(key=lambda m: m["workers"])
+        base = runs[0]["train_images_per_second"] / runs[0]["workers"]
+        for m in runs:
+            cached = m.get("cached_epoch_images_per_second")
+            lines.append(f"| {name} | {m['workers']} | {m['train_images_per_second']:.2f} | "
+                         f"{m['train_images_per_second_per_worker']:.2f} | "
+                         f"{m['train_images_per_second'] / base:.2f}x | {f'{cached:.2f}' if cached else '–'} |")
     return "\n".join(lines)
 
 
@@ -111,22 +158,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", default="2", help="Ray Train workers; a list (1,2) measures scaling")
+    parser.add_argument("--max-epochs", type=int, help="gradient models: epochs (default: the model's)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--no-ray", action="store_true", help="time the model code in this process only")
     parser.add_argument("--device", default="cpu", help="with --no-ray: cpu or cuda")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
+    from raylib_ad.models import model_class
+
+    worker_counts = [int(w) for w in str(args.workers).split(",")]
     rows = {}
     for name in args.models.split(","):
-        rows[name] = run_without_ray(args, name) if args.no_ray else run_with_ray(args, name)
-        print(f"{name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
+        if args.no_ray:
+            rows[name] = run_without_ray(args, name)
+            continue
+        for workers in worker_counts:
+            key = f"{name}_w{workers}"
+            rows[key] = run_with_ray(args, name, workers)
+            print(f"{key}: {json.dumps(rows[key], default=str)}", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mode = "single process, no Ray" if args.no_ray else f"Ray Train, {args.workers} workers"
+    mode = "single process, no Ray" if args.no_ray else f"Ray Train, workers {args.workers}"
     header = f"{args.data} {args.image_size}px, {args.backbone}, {mode}; {hardware()}"
-    (out / "results.json").write_text(json.dumps({"setup": header, "results": rows}, indent=2))
-    table = f"{header}\n\n{markdown(rows)}\n"
+    (out / "results.json").write_text(json.dumps({"setup": header, "results": rows}, indent=2, default=str))
+    memory_rows = {k: v for k, v in rows.items() if model_class(k.rsplit("_w", 1)[0]).learning_type != "gradient"}
+    gradient_rows = {k: v for k, v in rows.items() if k not in memory_rows}
+    table = header + "\n"
+    if memory_rows:
+        table += f"\n{markdown(memory_rows)}\n"
+    if gradient_rows:
+        table += f"\n{markdown(gradient_rows, GRADIENT_COLUMNS)}\n\n{scaling(gradient_rows)}\n"
     (out / "results.md").write_text(table)
     print(table)
     return 0
