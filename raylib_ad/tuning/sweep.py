@@ -188,7 +188,8 @@ def _tune(opts: SweepOptions, trials: list[Trial], out: Path) -> dict[str, dict[
             trainable,
             param_space={"trial": tune.grid_search([t.to_dict() for t in trials]), "base": base_dict,
                          "out": str(out)},
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent,
+            # reuse_actors: a trial's process (torch, timm, Ray Data imported) serves the next trial too.
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: t.config["trial"]["key"]),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=str(out / "tune"),
                                       verbose=1 if opts.base.progress else 0,
