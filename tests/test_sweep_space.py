@@ -115,3 +115,30 @@ def test_ranking_uses_validation_auroc_then_aupro_and_puts_nan_last():
             {"val_image_auroc": math.nan, "val_pixel_aupro": 0.99}, {"val_image_auroc": 0.8}]
     assert max(rows, key=_rank) is rows[1]
     assert sorted(rows, key=_rank)[0] is rows[2]
+
+
+def test_asha_compares_gradient_trials_only_within_their_category_and_model():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from raylib_ad.tuning.scheduler import GroupedASHA
+
+    scheduler = GroupedASHA(metric="val_image_auroc", mode="max", max_t=9, grace_period=2,
+                            gradient_models=("stfpm", "fastflow"))
+    trials = {name: SimpleNamespace(trial_id=name, config={"trial": {"category": cat, "model": model}})
+              for name, cat, model in [("a1", "a", "stfpm"), ("a2", "a", "stfpm"), ("b1", "b", "stfpm"),
+                                       ("a3", "a", "fastflow"), ("m1", "a", "padim")]}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def report(name, value, iteration=2):
+        return scheduler.on_trial_result(None, trials[name], {"training_iteration": iteration,
+                                                              "val_image_auroc": value})
+
+    assert report("a1", 0.9) == TrialScheduler.CONTINUE
+    assert report("a2", 0.5) == TrialScheduler.STOP        # weaker than a1 at the same rung: stopped
+    assert report("b1", 0.5) == TrialScheduler.CONTINUE    # another category: not compared with a1
+    assert report("a3", 0.5) == TrialScheduler.CONTINUE    # another model: not compared with a1
+    assert report("m1", 0.1, iteration=1) == TrialScheduler.CONTINUE  # memory-bank trials are never stopped
+    assert "3 (category, model) groups, 1 trials stopped early" in scheduler.debug_string()
