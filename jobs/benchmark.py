@@ -131,7 +131,8 @@ def markdown(rows: dict[str, dict], columns=COLUMNS) -> str:
 
 
 def scaling(rows: dict[str, dict]) -> str:
-    """Per gradient model: training images/second at each worker count relative to the fewest workers."""
+    """Per gradient model: training images/second at each worker count, and the speed-up over the run
+    with the fewest workers (ideal: the ratio of worker counts)."""
     lines = ["| model | workers | train img/s | per worker | speed-up | cached-epoch img/s |", "|---" * 6 + "|"]
     by_model: dict[str, list[dict]] = {}
     for key, metrics in rows.items():
@@ -139,7 +140,7 @@ def scaling(rows: dict[str, dict]) -> str:
             by_model.setdefault(key.rsplit("_w", 1)[0], []).append(metrics)
     for name, runs in by_model.items():
         runs.sort(key=lambda m: m["workers"])
-        base = runs[0]["train_images_per_second"] / runs[0]["workers"]
+        base = runs[0]["train_images_per_second"]  # the run with the fewest workers
         for m in runs:
             cached = m.get("cached_epoch_images_per_second")
             lines.append(f"| {name} | {m['workers']} | {m['train_images_per_second']:.2f} | "
