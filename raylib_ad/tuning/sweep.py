@@ -310,7 +310,8 @@ def _record(opts: SweepOptions, plan: dict[str, Any], rows: list[dict[str, Any]]
             "mlflow_run_id": state["trial_runs"].get(row["trial"]),
             "validation": {k: row[k] for k in row if k.startswith("val_")},
             "test": {k: row[k] for k in row if k.startswith("test_")},
-            "default_trial_test": None if default is None else {k: default[k] for k in default if k.startswith("test_")},
+            "default_trial_test": None if default is None else {k: v for k, v in default.items()
+                                                                 if k.startswith("test_")},
             "model_dir": str(champion_dir),
         }
     champions_path = out / "champions.json"
