@@ -143,12 +143,17 @@ def test_bad_requests_get_4xx_and_a_message(served, path, kwargs, status, messag
     assert message in detail, detail
 
 
-def test_form_without_files_is_named(served):
+@pytest.mark.parametrize("content_type, body, message", [
+    ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nx\r\n--b--\r\n',
+     "no file parts"),
+    ("multipart/form-data", b"--b\r\n", "Missing boundary"),
+    ("multipart/form-data; boundary=b", b"--b\r\nno headers, no end" + b"\x00" * 50, "multipart body"),
+])
+def test_malformed_multipart_is_a_400(served, content_type, body, message):
     client, _, _ = served
-    answer = client.post("/v1/categories/widget/predict",
-                         headers={"content-type": "multipart/form-data; boundary=b"},
-                         content=b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nx\r\n--b--\r\n')
-    assert answer.status_code == 400 and "no file parts" in answer.json()["detail"]
+    answer = client.post("/v1/categories/widget/predict", headers={"content-type": content_type}, content=body)
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["detail"]
 
 
 def test_listing_health_and_openapi(served):

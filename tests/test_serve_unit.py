@@ -180,3 +180,12 @@ def test_response_fields_and_map_png():
     png = Image.open(io.BytesIO(base64.b64decode(with_map["anomaly_map_png"])))
     assert png.size == (64, 64)
     assert prediction_response({"score": 1.0}, info, with_map=True)["anomaly_map_png"] is None
+
+
+def test_cli_serve_refuses_to_start_with_nothing_to_serve(capsys):
+    from raylib_ad.cli import main
+
+    assert main(["serve", "--port", "1"]) == 2  # settings are checked before Ray starts
+    assert "nothing to serve" in capsys.readouterr().err
+    assert main(["serve", "--registry"]) == 2
+    assert "needs dataset (--dataset)" in capsys.readouterr().err

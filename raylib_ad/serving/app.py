@@ -144,6 +144,8 @@ class AnomalyDetector:
             if "Too many files" in message:
                 raise PayloadTooLarge(f"more than {self.settings.max_files} files in one request (max_files)") from None
             raise BadRequest(f"multipart body cannot be parsed: {message}") from None
+        except Exception as err:  # python-multipart's own parse errors: the body is the client's
+            raise BadRequest(f"multipart body cannot be parsed: {type(err).__name__}: {err}") from None
         files = []
         for field, value in form.multi_items():
             if isinstance(value, UploadFile):
