@@ -43,10 +43,14 @@ def trial_options(base: TrainOptions, trial: dict[str, Any], out: str | Path) ->
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable. config: {"trial": Trial.to_dict(), "base": TrainOptions dict, "out": DIR}."""
     import ray
+    import ray.data
     from ray import tune
 
     from raylib_ad.train.run import fit_and_validate
 
+    # Reproducible trials: with the images always in the same order, a trial's float sums (moments,
+    # gradients) are the same wherever and whenever it runs — on one node or several, first run or resume.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     trial = config["trial"]
     options = trial_options(TrainOptions(**config["base"]), trial, config["out"])
     directory = Path(options.out)
