@@ -41,6 +41,9 @@ class AnomalyModel(nn.Module):
     # Gradient models with a frozen pretrained part: whether the train-mode forward still needs the
     # images once it is given that part's output (STFPM's student does; RD and FastFlow do not).
     needs_images_with_frozen: ClassVar[bool] = True
+    # What a sweep searches by default ({key: {distribution: args}}, see raylib_ad/tuning/space.py);
+    # None: the model must be given a --search-space file.
+    search_space: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, backbone: str | None = None, layers: Iterable[str] | None = None, *,
                  pretrained: bool = True, weights: str | None = None, image_size: int = 256,

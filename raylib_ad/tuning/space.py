@@ -40,16 +40,6 @@ from raylib_ad.models import model_class
 from raylib_ad.models.base import default_layers_for
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
-_LAYER_CHOICES = {"choice": [["layer1", "layer2", "layer3"], ["layer2", "layer3"]]}
-# The gradient models' spaces live here, not on their classes, because their model files were being
-# reworked by another change when sweeps landed; a `search_space` class attribute, once declared, wins
-# (see default_space). lr ranges bracket anomalib's defaults (STFPM 0.4 SGD, RD 0.005 / FastFlow 1e-3 Adam).
-FALLBACK_SPACES: dict[str, dict[str, Any]] = {
-    "stfpm": {"lr": {"loguniform": [0.01, 0.4]}, "epochs": {"randint": [3, 10]}, "layers": _LAYER_CHOICES},
-    "reverse_distillation": {"lr": {"loguniform": [0.001, 0.01]}, "epochs": {"randint": [3, 10]},
-                             "layers": _LAYER_CHOICES},
-    "fastflow": {"lr": {"loguniform": [1e-4, 1e-2]}, "epochs": {"randint": [3, 10]}, "layers": _LAYER_CHOICES},
-}
 
 
 @dataclass(frozen=True)
@@ -69,7 +59,7 @@ class Trial:
 
 def default_space(model: str) -> dict[str, Any]:
     cls = model_class(model)
-    space = getattr(cls, "search_space", None) or FALLBACK_SPACES.get(cls.name)
+    space = getattr(cls, "search_space", None)
     if not space:
         raise ConfigError(f"model '{cls.name}' declares no search space; give one with --search-space FILE")
     return dict(space)

@@ -60,6 +60,12 @@ class Fastflow(AnomalyModel):
     defaults = {"flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0, "lr": 1e-3, "weight_decay": 1e-5}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
     needs_images_with_frozen = False  # trains on the backbone's features alone
+    # Sweep defaults (raylib_ad/tuning/space.py format): lr brackets anomalib's 1e-3 (Adam).
+    search_space = {
+        "lr": {"loguniform": [1e-4, 1e-2]},
+        "epochs": {"randint": [3, 10]},
+        "layers": {"choice": [["layer1", "layer2", "layer3"], ["layer2", "layer3"]]},
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -41,6 +41,12 @@ class ReverseDistillation(AnomalyModel):
     defaults = {"anomaly_map_mode": "add", "lr": 0.005, "beta1": 0.5, "beta2": 0.99}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
     needs_images_with_frozen = False  # trains on the encoder's features alone
+    # Sweep defaults (raylib_ad/tuning/space.py format): lr brackets anomalib's 0.005 (Adam).
+    search_space = {
+        "lr": {"loguniform": [0.001, 0.01]},
+        "epochs": {"randint": [3, 10]},
+        "layers": {"choice": [["layer1", "layer2", "layer3"], ["layer2", "layer3"]]},
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -33,6 +33,12 @@ class Stfpm(AnomalyModel):
     # anomalib's optimizer: SGD(lr=0.4, momentum=0.9, weight_decay=1e-4), no scheduler.
     defaults = {"lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
+    # Sweep defaults (raylib_ad/tuning/space.py format): lr brackets anomalib's 0.4 (SGD).
+    search_space = {
+        "lr": {"loguniform": [0.01, 0.4]},
+        "epochs": {"randint": [3, 10]},
+        "layers": {"choice": [["layer1", "layer2", "layer3"], ["layer2", "layer3"]]},
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
