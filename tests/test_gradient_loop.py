@@ -38,7 +38,8 @@ def test_a_worker_that_dies_resumes_and_the_run_keeps_its_epoch_count(ray_cluste
     assert marker.exists()  # rank 1 really died at the start of epoch 1
     assert [h["epoch"] for h in history] == [0, 1, 2]  # epoch 0 restored from its checkpoint, not re-run
     assert last["epoch"] == 2
-    # The restarted worker has no feature cache: epoch 1 streams again, epoch 2 trains from the cache.
+    # Restarted workers have no feature cache: epoch 1 streams again and epoch 2 trains from the cache
+    # (had epoch 0 been re-run instead of restored, epoch 1 would come from the cache).
     assert [h["from_feature_cache"] for h in history] == [False, False, True]
     for record in history:
         assert record["train_loss"] > 0 and 0 <= record["val_image_auroc"] <= 1 and "val_pixel_auroc" in record

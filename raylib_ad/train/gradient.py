@@ -193,13 +193,17 @@ def gradient_loop(config: dict[str, Any]) -> None:
 
 
 def _maybe_fail_for_tests(config: dict[str, Any], epoch: int, rank: int) -> None:
-    """Testing hook: `fail_once_at_epoch` kills rank 1 (or 0 alone) once, at the start of that epoch,
+    """Testing hook: `fail_once_at_epoch` kills rank 1 (or 0 alone) once, early in that epoch,
     to prove a run resumes from its latest checkpoint. A marker file makes it happen only once."""
     marker = config.get("fail_marker")
     if config.get("fail_once_at_epoch") != epoch or not marker or os.path.exists(marker):
         return
     if rank == min(1, ray.train.get_context().get_world_size() - 1):
         Path(marker).write_text("failed once")
+        # Die a few seconds into the epoch, as a real mid-epoch crash would. Ray Train registers a
+        # reported checkpoint when its controller next polls the workers (every 2 s); a worker that
+        # dies before that poll takes its last report with it, and the run restarts one epoch earlier.
+        time.sleep(config.get("fail_after_s", 6.0))
         os._exit(1)  # a hard crash, as a killed worker would look
 
 
