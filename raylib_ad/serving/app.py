@@ -84,7 +84,7 @@ class AnomalyDetector:
 
     async def _current_slot(self, category: str) -> ModelSlot:
         slot = await self._slot(category)
-        if not slot._fresh():  # at most every champion_ttl_s: ask the catalog whether the version moved
+        if not slot.is_fresh():  # at most every champion_ttl_s: ask the catalog whether the version moved
             await asyncio.to_thread(slot.refresh)
         return slot
 

@@ -181,17 +181,17 @@ class ModelSlot:
     def info(self) -> ModelInfo | None:
         return None if self._state is None else self._state[1]
 
-    def _fresh(self) -> bool:
+    def is_fresh(self) -> bool:
         return self._state is not None and self.clock() - self._checked < self.ttl_s
 
     def refresh(self, force: bool = False) -> bool:
         """Swap in the current version if it moved; True if it did. Without `force` this checks at most
         every ttl_s, and a failed check or load keeps the served model (logged, kept in last_error); with
         `force` it checks now and raises the failure."""
-        if not force and self._fresh():
+        if not force and self.is_fresh():
             return False
         with self._lock:  # one check at a time; requests arriving meanwhile keep using the current model
-            if not force and self._fresh():
+            if not force and self.is_fresh():
                 return False
             try:
                 info = self.catalog.current(self.category)

@@ -42,6 +42,22 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
 
+def _start_run(mlflow, uri: str, experiment: str, run_name: str, params: dict[str, Any],
+               tags: dict[str, str] | None, parent_run_id: str | None = None):
+    """An active MLflow run in `experiment` with `params` logged (flattened, values cut at 500 chars)."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    flat: dict[str, Any] = {}
+    _flatten("", params, flat)
+    run = mlflow.start_run(run_name=run_name, tags=tags or {}, parent_run_id=parent_run_id)
+    try:
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+    except Exception:
+        mlflow.end_run(status="FAILED")  # never leave a half-open run active in this process
+        raise
+    return run
+
+
 def log_training_run(
     *,
     experiment: str,
@@ -66,12 +82,7 @@ def log_training_run(
     try:
         import mlflow
 
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        flat: dict[str, Any] = {}
-        _flatten("", params, flat)
-        with mlflow.start_run(run_name=run_name, tags=tags or {}, parent_run_id=parent_run_id) as run:
-            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        with _start_run(mlflow, uri, experiment, run_name, params, tags, parent_run_id) as run:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
             for record in history or []:  # per-epoch curves of gradient-trained models
                 step = int(record["epoch"])
@@ -100,12 +111,7 @@ def start_parent_run(*, experiment: str, run_name: str, params: dict[str, Any], 
     try:
         import mlflow
 
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        flat: dict[str, Any] = {}
-        _flatten("", params, flat)
-        with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
-            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        with _start_run(mlflow, uri, experiment, run_name, params, tags) as run:
             return run.info.run_id
     except Exception as err:  # tracking must never stop a sweep
         print(f"[raylib_ad] MLflow logging to {uri} failed ({type(err).__name__}: {err})", file=sys.stderr)
