@@ -12,7 +12,7 @@ from raylib_ad.errors import ConfigError
 
 DEFAULT_CATEGORY = {"synthetic": "widget", "magnetic_tile": "magnetic_tile", "folder": "folder"}
 # Settings that are not model hyperparameters but model-construction switches.
-_CONSTRUCTION_KEYS = ("pretrained", "weights")
+CONSTRUCTION_KEYS = ("pretrained", "weights")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainOptions:
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for create_model(self.model, **kwargs)."""
         settings = dict(self.settings)
-        construction = {k: settings.pop(k) for k in _CONSTRUCTION_KEYS if k in settings}
+        construction = {k: settings.pop(k) for k in CONSTRUCTION_KEYS if k in settings}
         kwargs = {"backbone": self.backbone, "layers": self.layers, "image_size": self.image_size,
                   "seed": self.seed, "weights": self.weights, **construction, **settings}
         return {k: v for k, v in kwargs.items() if v is not None}

@@ -83,14 +83,8 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     if fit["history"]:
         metrics["epochs"] = len(fit["history"])
         metrics["train_images_per_second"] = float(np.mean([h["train_images_per_second"] for h in fit["history"]]))
-    stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
-    stats["metrics"] = metrics
-    stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}
-    final_dir = out / "model"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    shutil.copytree(fit["model_dir"], final_dir)
-    write_stats(final_dir, stats)
+    final_dir = _install_model(fit["model_dir"], out)
+    write_stats(final_dir, _deployment_stats(report, metrics, options, category))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = _write_plots(out, scored, report)
 
@@ -158,10 +152,7 @@ def fit_and_validate(options: TrainOptions, *, callbacks: list | None = None,
     val_rows = test_rows.take(val_idx)
     fit = _fit_on_ray(options, cls, kwargs, backbone, table.filter(_split_mask(table, "train")), val_rows, out,
                       callbacks=callbacks)
-    final_dir = out / "model"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    shutil.copytree(fit["model_dir"], final_dir)
+    final_dir = _install_model(fit["model_dir"], out)
     model = read_model(final_dir, device=_eval_device(options))
     scored = score_split(model, val_rows, batch_size=options.batch_size, progress=False)
     return {"model_dir": str(final_dir), "val": _threshold_free(scored, "val_"), "history": fit["history"],
@@ -185,11 +176,26 @@ def test_on_heldout(options: TrainOptions, model_dir: str | Path) -> dict[str, A
                        maps=None if scored.maps is None else scored.maps[held], seconds=scored.seconds)
     metrics = {**_threshold_free(sub, "test_"), "test_image_f1": report["metrics"]["image_f1"],
                "n_test_heldout": int(held.size), "n_validation": report["n_validation"]}
+    write_stats(model_dir, _deployment_stats(report, metrics, options, category))
+    return metrics
+
+
+def _install_model(fitted_dir: str | Path, out: Path) -> Path:
+    """Copy the fitted model directory out of Ray's checkpoint storage to out/model."""
+    final_dir = out / "model"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    shutil.copytree(fitted_dir, final_dir)
+    return final_dir
+
+
+def _deployment_stats(report: dict[str, Any], metrics: dict[str, Any], options: TrainOptions,
+                      category: str) -> dict[str, Any]:
+    """stats.json: threshold and normalization from the validation subset, the metrics, the data."""
     stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
     stats["metrics"] = metrics
     stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}
-    write_stats(model_dir, stats)
-    return metrics
+    return stats
 
 
 def _threshold_free(scored, prefix: str) -> dict[str, float]:

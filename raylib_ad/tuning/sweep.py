@@ -31,7 +31,7 @@ from typing import Any
 
 from raylib_ad.errors import ConfigError
 from raylib_ad.models import model_class
-from raylib_ad.options import DEFAULT_CATEGORY, TrainOptions
+from raylib_ad.options import CONSTRUCTION_KEYS, DEFAULT_CATEGORY, TrainOptions
 from raylib_ad.tuning.space import (
     Trial,
     check_space,
@@ -78,7 +78,7 @@ def resolve_categories(categories: list[str] | None, data: str) -> list[str]:
 
 
 def _check_settings(settings: dict[str, Any], models: list[str]) -> None:
-    known = {"pretrained", "weights"}
+    known = set(CONSTRUCTION_KEYS)
     for name in models:
         known |= set(model_class(name).defaults)
     unknown = sorted(set(settings) - known)

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from raylib_ad.models import model_class
-from raylib_ad.options import TrainOptions
+from raylib_ad.options import CONSTRUCTION_KEYS, TrainOptions
 
-_CONSTRUCTION_KEYS = ("pretrained", "weights")
 RESULT_FILE = "result.json"
 LAST_RESULT_FILE = "last_result.json"  # the latest report Tune saw (tuning/scheduler.py LastResultCallback)
 STARTS_FILE = "starts.log"
@@ -32,7 +31,7 @@ def trial_options(base: TrainOptions, trial: dict[str, Any], out: str | Path) ->
     `--set` values reach only the models that know them (sweep.py refuses keys no model knows)."""
     cls = model_class(trial["model"])
     params = dict(trial["params"])
-    settings = {k: v for k, v in base.settings.items() if k in cls.defaults or k in _CONSTRUCTION_KEYS}
+    settings = {k: v for k, v in base.settings.items() if k in cls.defaults or k in CONSTRUCTION_KEYS}
     layers = params.pop("layers", None) or base.layers
     epochs = params.pop("epochs", None) or base.max_epochs
     settings.update(params)
