@@ -25,17 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-# name -> (settings, layers) : the configurations of the reference table in docs/benchmarks.md
-PRESETS = {
-    "patchcore": ({"coreset_sampling_ratio": 0.001, "num_neighbors": 9}, ["blocks.2", "blocks.4"]),
-    "padim": ({"n_features": 100}, ["blocks.1", "blocks.2", "blocks.4"]),
-    "dfm": ({"pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre"}, ["blocks.4"]),
-    "dfkde": ({"n_pca_components": 16, "max_training_points": 40000}, ["blocks.6"]),
-    # gradient-trained: anomalib's defaults, the layers of issue #3's reference run
-    "stfpm": ({}, ["blocks.1", "blocks.2", "blocks.4"]),
-    "reverse_distillation": ({}, ["blocks.1", "blocks.2", "blocks.4"]),
-    "fastflow": ({}, ["blocks.1", "blocks.2", "blocks.4"]),
-}
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_aupro", "fit_seconds", "coreset_seconds",
            "test_images_per_second", "peak_memory_mb")
 GRADIENT_COLUMNS = ("workers", "epochs", "best_epoch", "image_auroc", "pixel_auroc", "pixel_aupro", "fit_seconds",
@@ -58,7 +47,7 @@ def run_with_ray(args, name: str, workers: int) -> dict:
     from raylib_ad.options import TrainOptions
     from raylib_ad.train.run import run_training
 
-    settings, layers = PRESETS[name]
+    settings, layers = preset(name)
     out = Path(args.out) / f"{name}_w{workers}"
     options = TrainOptions(model=name, data=args.data, root=args.root, category=args.category,
                            split_file=args.split_file, backbone=args.backbone, layers=layers,
@@ -66,7 +55,7 @@ def run_with_ray(args, name: str, workers: int) -> dict:
                            batch_size=args.batch_size, settings=dict(settings), out=str(out),
                            max_epochs=args.max_epochs, mlflow=False, progress=False)
     metrics = run_training(options)
-    if model_class(name).learning_type == "gradient":
+    if model_class(name).trains_by_gradient():
         metrics.update(epoch_throughput(json.loads((out / "history.json").read_text()), workers))
     return metrics
 
@@ -89,36 +78,54 @@ def run_without_ray(args, name: str) -> dict:
     from raylib_ad.data import build_manifest
     from raylib_ad.data.transforms import decode_all
     from raylib_ad.evaluation import score_split
-    from raylib_ad.metrics import evaluation_report
-    from raylib_ad.models import create_model, model_class
+    import numpy as np
 
-    if model_class(name).learning_type == "gradient":
-        raise SystemExit(f"--no-ray times memory-bank fits; {name} trains through Ray Train (drop --no-ray)")
-    settings, layers = PRESETS[name]
+    from raylib_ad.models import create_model, model_class
+    from raylib_ad.postprocess import carve_validation, evaluation_report
+    from raylib_ad.train.runner import fit_in_process
+
+    settings, layers = preset(name)
     table = build_manifest(args.data, args.root, args.category, split_file=args.split_file)
     train = table.filter(pc.equal(table.column("split"), "train"))
     test = table.filter(pc.equal(table.column("split"), "test"))
+    val_idx, heldout_idx = carve_validation(test.column("label").to_numpy(), 0.3, 0)
     model = create_model(name, backbone=args.backbone, layers=layers, image_size=args.image_size, **settings)
-    model = model.to(args.device)
-    cfg = model.config()
+    mean, std = model.normalization
     # Decode once up front so the fit time is the model's, not JPEG decoding's.
-    images = [torch.from_numpy(b["image"]) for b in decode_all(train, args.image_size, cfg["mean"], cfg["std"],
-                                                                batch_size=args.batch_size, with_masks=False)]
+    images = torch.cat([torch.from_numpy(b["image"]) for b in decode_all(
+        train, args.image_size, mean, std, batch_size=args.batch_size, with_masks=False)])
+    val = None
+    if model_class(name).trains_by_gradient():
+        batches = list(decode_all(test.take(val_idx), args.image_size, mean, std, batch_size=args.batch_size))
+        val = {k: torch.from_numpy(np.concatenate([b[k] for b in batches])) for k in ("image", "label", "mask")}
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model.fit(images)
+    fit = fit_in_process(model, images, val, device=args.device, batch_size=args.batch_size,
+                         max_epochs=args.max_epochs, progress=False)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     fit_seconds = time.perf_counter() - start
     scored = score_split(model, test, batch_size=args.batch_size, progress=False)
-    report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps)
+    report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps, val_idx=val_idx,
+                               heldout_idx=heldout_idx)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    extra = {}
+    if fit.history:
+        extra = {"epochs": len(fit.history), "best_epoch": fit.metrics.get("best_epoch"),
+                 "train_images_per_second": float(np.mean([h["train_images_per_second"] for h in fit.history]))}
     return {**report["metrics"], "fit_seconds": fit_seconds, "test_images_per_second": scored.images_per_second,
-            "peak_memory_mb": float(peak), **getattr(model, "fit_timings", {}),
-            "n_train": sum(len(b) for b in images)}
+            "peak_memory_mb": float(peak), **getattr(model, "fit_timings", {}), "n_train": len(images), **extra}
+
+
+def preset(name: str) -> tuple[dict, list | None]:
+    """The model's benchmark configuration (declared next to the model: benchmark_preset)."""
+    from raylib_ad.models import model_class
+
+    declared = model_class(name).benchmark_preset
+    return dict(declared.get("settings", {})), declared.get("layers")
 
 
 def markdown(rows: dict[str, dict], columns=COLUMNS) -> str:
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "single process, no Ray" if args.no_ray else f"Ray Train, workers {args.workers}"
     header = f"{args.data} {args.image_size}px, {args.backbone}, {mode}; {hardware()}"
     (out / "results.json").write_text(json.dumps({"setup": header, "results": rows}, indent=2, default=str))
-    memory_rows = {k: v for k, v in rows.items() if model_class(k.rsplit("_w", 1)[0]).learning_type != "gradient"}
+    memory_rows = {k: v for k, v in rows.items() if not model_class(k.rsplit("_w", 1)[0]).trains_by_gradient()}
     gradient_rows = {k: v for k, v in rows.items() if k not in memory_rows}
     table = header + "\n"
     if memory_rows:

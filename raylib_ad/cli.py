@@ -70,7 +70,7 @@ def _train(args) -> int:
 
 
 def _predict(args) -> int:
-    from raylib_ad.artifact import load
+    from raylib_ad.artifact import PREDICTION_FIELDS, load
     from raylib_ad.postprocess.plots import anomaly_map_png
 
     trained = load(args.model, device=args.device)
@@ -80,12 +80,12 @@ def _predict(args) -> int:
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start : start + args.batch_size]
         for path, result in zip(paths, trained.predict(paths, with_maps=maps_dir is not None)):
-            line = {"path": path, "score": result["score"], "normalized_score": result.get("normalized_score"),
-                    "label": "anomalous" if result.get("is_anomalous") else "normal"}
+            # The same field names as TrainedModel.predict and the HTTP API (README.md, "Outputs").
+            line = {"path": path, **{name: result[name] for name in PREDICTION_FIELDS}}
             if maps_dir is not None and result.get("normalized_map") is not None:
                 png = maps_dir / f"{Path(path).stem}_map.png"
                 png.write_bytes(anomaly_map_png(result["normalized_map"], vmin=0.0, vmax=1.0))
-                line["anomaly_map_png"] = str(png)
+                line["anomaly_map_file"] = str(png)
             print(json.dumps(line), flush=True)
     return 0
 
@@ -95,7 +95,8 @@ def _models() -> int:
 
     for name in list_models():
         cls = model_class(name)
-        print(f"{name:12s} {cls.learning_type:12s} backbone={cls.default_backbone} layers={list(cls.default_layers)}")
+        training = f"{cls.default_epochs} epochs" if cls.trains_by_gradient() else "one pass or none"
+        print(f"{name:22s} {training:18s} backbone={cls.default_backbone} layers={list(cls.default_layers)}")
     return 0
 
 

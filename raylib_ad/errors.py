@@ -15,3 +15,7 @@ class ConfigError(RaylibADError, ValueError):
 
 class WeightsUnavailableError(RaylibADError, RuntimeError):
     """Pretrained weights were asked for but cannot be had (offline, no local file)."""
+
+
+class ModelError(RaylibADError, RuntimeError):
+    """A model's own code failed during training (not a lost worker): retrying would fail again."""

@@ -33,6 +33,7 @@ class TrainOptions:
     cpus_per_worker: float | None = None
     batch_size: int = 32
     max_epochs: int | None = None
+    max_steps: int | None = None
     max_minutes: float | None = None
     patience: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +94,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-worker", type=float, help="default: 1, or less on a small machine")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-epochs", type=int, help="gradient models: epochs (default: the model's)")
+    parser.add_argument("--max-steps", type=int, help="gradient models: optimizer steps of the main stage "
+                        "(default: the model's step budget, if it has one)")
     parser.add_argument("--max-minutes", type=float, help="gradient models: stop after this much training time")
     parser.add_argument("--patience", type=int, help="gradient models: early stopping after this many epochs "
                         "without a better validation image AUROC")

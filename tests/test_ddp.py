@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import free_port
 from raylib_ad.models import create_model
-from raylib_ad.train.steps import training_step
+from recipe_helpers import training_step
 
 SIZE = 64
 MODELS = ["stfpm", "reverse_distillation", "fastflow"]

@@ -8,7 +8,7 @@ import torch
 
 from raylib_ad.models import create_model
 from raylib_ad.train.feature_cache import FrozenFeatureCache
-from raylib_ad.train.steps import training_step
+from recipe_helpers import optimize_stage, training_step
 
 SIZE = 64
 
@@ -22,7 +22,7 @@ def test_a_step_on_cached_frozen_features_equals_a_step_on_images(name, lite0_av
         optimizer, _ = model.configure_optimizers()
         frozen = model.frozen_features(images) if cached else None
         assert cached is False or frozen is not None
-        inputs = None if cached and not model.needs_images_with_frozen else images
+        inputs = None if cached and not optimize_stage(model).needs_images_with_frozen else images
         loss = training_step(model, model, optimizer, inputs, frozen=frozen)
         results.append((loss, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}))
     (loss_a, params_a), (loss_b, params_b) = results

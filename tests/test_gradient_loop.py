@@ -1,5 +1,6 @@
-"""The shared gradient loop on Ray Train: epochs, validation, best/latest checkpoints, and resuming a
-run whose worker died from its latest checkpoint."""
+"""The stage runner on Ray Train with gradient-trained models: every image once per epoch for any image
+count, validation over every validation image, resuming after a killed worker, early stopping,
+reproducible runs, and a model's own error ending the run at once instead of being retried."""
 
 from __future__ import annotations
 
@@ -9,52 +10,75 @@ import torch
 
 from raylib_ad.artifact import read_model
 from raylib_ad.data import build_manifest
-from raylib_ad.data.ray_dataset import manifest_to_dataset
+from raylib_ad.errors import ModelError
 from raylib_ad.postprocess.validation_split import carve_validation
-from raylib_ad.train.gradient import fit_gradient
+from raylib_ad.train.ray_train import fit_on_ray
+from raylib_ad.train.runner import RunnerConfig
 
 pytestmark = pytest.mark.ray
 SIZE = 64
+N_TRAIN = 39  # odd: two workers get 20 and 19 images
 
 
-def datasets(synthetic_root):
+def rows(synthetic_root):
     table = build_manifest("synthetic", synthetic_root, "widget")
-    train = table.filter(pc.equal(table.column("split"), "train"))
+    train = table.filter(pc.equal(table.column("split"), "train")).slice(0, N_TRAIN)
     test = table.filter(pc.equal(table.column("split"), "test"))
     val_idx, _ = carve_validation(test.column("label").to_numpy(), 0.3, 0)
-    mean = std = (0.5, 0.5, 0.5)
-    return (manifest_to_dataset(train, SIZE, mean, std),
-            manifest_to_dataset(test.take(val_idx), SIZE, mean, std, with_masks=True))
+    return train, test.take(val_idx)
 
 
-def test_a_worker_that_dies_resumes_and_the_run_keeps_its_epoch_count(ray_cluster, synthetic_root, tmp_path,
-                                                                    lite0_available):
-    train, val = datasets(synthetic_root)
+def fit(synthetic_root, tmp_path, name, settings, *, workers=2, run_name="run", **runner):
+    train, val = rows(synthetic_root)
+    config = RunnerConfig(image_size=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3, **{"batch_size": 8, **runner})
+    return fit_on_ray(name, {"backbone": "tf_efficientnet_lite0", "image_size": SIZE, **settings}, train, val,
+                      config, workers=workers, cpus_per_worker=0.5, gpus_per_worker=0, storage_path=str(tmp_path),
+                      run_name=run_name), val.num_rows
+
+
+def test_a_worker_that_dies_resumes_and_every_image_is_used_once_per_epoch(ray_cluster, synthetic_root, tmp_path,
+                                                                            lite0_available):
     marker = tmp_path / "failed-once"
-    model_dir, last, history = fit_gradient(
-        "stfpm", {"backbone": "tf_efficientnet_lite0", "image_size": SIZE}, train, val, workers=2,
-        cpus_per_worker=0.5, gpus_per_worker=0, batch_size=8, max_epochs=3, storage_path=str(tmp_path),
-        run_name="fault", extra_config={"fail_once_at_epoch": 1, "fail_marker": str(marker)})
-    assert marker.exists()  # rank 1 really died at the start of epoch 1
+    result, n_val = fit(synthetic_root, tmp_path, "stfpm", {}, max_epochs=3,
+                        test_hooks={"fail_once_at_epoch": 1, "fail_marker": str(marker)})
+    history = result.history
+    assert marker.exists() and result.restarts == 1  # rank 1 really died at the start of epoch 1
     assert [h["epoch"] for h in history] == [0, 1, 2]  # epoch 0 restored from its checkpoint, not re-run
-    assert last["epoch"] == 2
     # Restarted workers have no feature cache: epoch 1 streams again and epoch 2 trains from the cache
     # (had epoch 0 been re-run instead of restored, epoch 1 would come from the cache).
     assert [h["from_feature_cache"] for h in history] == [False, False, True]
     for record in history:
+        assert record["train_images"] == N_TRAIN  # 20 + 19: none dropped, none repeated
+        assert record["val_images"] == n_val
         assert record["train_loss"] > 0 and 0 <= record["val_image_auroc"] <= 1 and "val_pixel_auroc" in record
-    best = read_model(model_dir)
-    assert best.name == "stfpm" and last["best_epoch"] in (0, 1, 2)
+    best = read_model(result.model_dir)
+    assert best.name == "stfpm" and result.metrics["best_epoch"] in (0, 1, 2)
     with torch.no_grad():
         assert best(torch.zeros(1, 3, SIZE, SIZE)).anomaly_map.shape == (1, SIZE, SIZE)
 
 
 def test_early_stopping_ends_the_run(ray_cluster, synthetic_root, tmp_path, lite0_available):
-    train, val = datasets(synthetic_root)
-    _, last, history = fit_gradient(
-        "fastflow", {"backbone": "tf_efficientnet_lite0", "image_size": SIZE, "flow_steps": 2}, train, val,
-        workers=1, cpus_per_worker=1, gpus_per_worker=0, batch_size=8, max_epochs=20, patience=1,
-        storage_path=str(tmp_path), run_name="early")
+    result, _ = fit(synthetic_root, tmp_path, "fastflow", {"flow_steps": 2}, workers=1, max_epochs=20, patience=1)
     # Patience 1: the run stops at the first epoch that does not beat the best so far.
-    assert last["stopped"] and len(history) < 20
-    assert history[-1]["val_image_auroc"] <= last["best_val_image_auroc"]
+    assert len(result.history) < 20 and result.history[-1]["stopped"]
+    assert result.history[-1]["val_image_auroc"] <= result.metrics["best_val_image_auroc"]
+
+
+def test_the_same_run_twice_gives_the_same_model(ray_cluster, synthetic_root, tmp_path, lite0_available):
+    settings = {"flow_steps": 2}
+    first, _ = fit(synthetic_root, tmp_path, "fastflow", settings, max_epochs=2, run_name="a")
+    second, _ = fit(synthetic_root, tmp_path, "fastflow", settings, max_epochs=2, run_name="b")
+    a, b = read_model(first.model_dir).state_dict(), read_model(second.model_dir).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in second.history]
+
+
+def test_an_error_in_the_model_code_is_not_retried(ray_cluster, synthetic_root, tmp_path, capsys):
+    train, _ = rows(synthetic_root)
+    with pytest.raises(ModelError, match="unknown model 'no_such_model'"):
+        fit_on_ray("no_such_model", {}, train, None, RunnerConfig(image_size=SIZE), workers=2,
+                   cpus_per_worker=0.5, gpus_per_worker=0, storage_path=str(tmp_path), run_name="bad",
+                   max_failures=2)
+    assert "restarting from the latest checkpoint" not in capsys.readouterr().out  # one attempt, not three

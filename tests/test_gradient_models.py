@@ -55,7 +55,7 @@ def train_steps(model, batch: torch.Tensor, steps: int) -> list[float]:
 def test_gradient_models_are_registered():
     assert {"stfpm", "reverse_distillation", "fastflow"} <= set(list_models())
     for cls in MODELS:
-        assert cls.learning_type == "gradient"
+        assert cls.trains_by_gradient()
         assert cls.gradient_clip_val is None
 
 

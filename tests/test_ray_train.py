@@ -12,33 +12,40 @@ import torch
 
 from raylib_ad.artifact import read_model
 from raylib_ad.data import build_manifest
-from raylib_ad.data.ray_dataset import manifest_to_dataset
 from raylib_ad.errors import DataError
 from raylib_ad.options import TrainOptions
-from raylib_ad.train.memory_bank import fit_memory_bank
+from raylib_ad.train.ray_train import fit_on_ray
+from raylib_ad.train.runner import RunnerConfig
 
 pytestmark = pytest.mark.ray
 SIZE = 64
 BACKBONE = "tf_efficientnet_lite0"
 
 
-def fit(ray_cluster, synthetic_root, tmp_path, name, workers, **settings):
+def fit(ray_cluster, synthetic_root, tmp_path, name, workers, n_train=None, **settings):
     table = build_manifest("synthetic", synthetic_root, "widget")
     train = table.filter(pc.equal(table.column("split"), "train"))
-    dataset = manifest_to_dataset(train, SIZE, (0.5,) * 3, (0.5,) * 3)
+    if n_train is not None:
+        train = train.slice(0, n_train)
     kwargs = {"backbone": BACKBONE, "image_size": SIZE, **settings}
-    path, metrics = fit_memory_bank(name, kwargs, dataset, workers=workers, cpus_per_worker=0.5,
-                                    gpus_per_worker=0, batch_size=8, storage_path=str(tmp_path),
-                                    run_name=f"{name}-{workers}", progress=False)
-    return read_model(path), metrics
+    result = fit_on_ray(name, kwargs, train, None, RunnerConfig(batch_size=8, image_size=SIZE, mean=(0.5,) * 3,
+                                                                std=(0.5,) * 3),
+                        workers=workers, cpus_per_worker=0.5, gpus_per_worker=0, storage_path=str(tmp_path),
+                        run_name=f"{name}-{workers}")
+    return read_model(result.model_dir), result.metrics
 
 
-def test_padim_on_two_workers_equals_one_worker(ray_cluster, synthetic_root, tmp_path, lite0_available):
-    one, _ = fit(ray_cluster, synthetic_root, tmp_path, "padim", 1, n_features=20)
-    two, metrics = fit(ray_cluster, synthetic_root, tmp_path, "padim", 2, n_features=20)
+def test_padim_on_two_workers_equals_one_worker_for_an_odd_image_count(ray_cluster, synthetic_root, tmp_path,
+                                                                       lite0_available):
+    # 39 images: Ray Train's default split would drop one to make the shards equal; every image counts.
+    one, _ = fit(ray_cluster, synthetic_root, tmp_path, "padim", 1, n_train=39, n_features=20)
+    two, metrics = fit(ray_cluster, synthetic_root, tmp_path, "padim", 2, n_train=39, n_features=20)
+    fewer, _ = fit(ray_cluster, synthetic_root, tmp_path / "38", "padim", 1, n_train=38, n_features=20)
     assert metrics["world_size"] == 2 and len(set(metrics["worker_digests"])) == 1
     torch.testing.assert_close(two.mean, one.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two.inv_covariance, one.inv_covariance, rtol=1e-3, atol=1e-3)
+    # ...and the 39th image is in both: a fit without it differs.
+    assert not torch.allclose(fewer.mean, one.mean, rtol=1e-5, atol=1e-5)
 
 
 def test_patchcore_on_two_workers_saves_the_whole_bank(ray_cluster, synthetic_root, tmp_path, lite0_available):
@@ -80,14 +87,14 @@ def test_train_cli_end_to_end(ray_cluster, synthetic_root, tmp_path, monkeypatch
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["path"] for line in lines] == [str(p) for p in images]
     for line in lines:
-        assert line["label"] in ("normal", "anomalous") and 0 <= line["normalized_score"] <= 1
-        assert open(line["anomaly_map_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert isinstance(line["is_anomalous"], bool) and 0 <= line["normalized_score"] <= 1
+        assert open(line["anomaly_map_file"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_image_fails_before_any_worker_starts(synthetic_root, tmp_path):
     import shutil
 
-    from raylib_ad.train.run import prepare
+    from raylib_ad.train.prepare import prepare
 
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "widget", root / "widget")

@@ -15,7 +15,7 @@ from conftest import MAGNETIC_TILE, MAGNETIC_TILE_SPLIT
 from raylib_ad.data import build_manifest, validate_manifest
 from raylib_ad.data.transforms import decode_all
 from raylib_ad.evaluation import score_split
-from raylib_ad.metrics import evaluation_report
+from raylib_ad.postprocess import evaluation_report
 from raylib_ad.models import create_model
 
 pytestmark = pytest.mark.skipif(not MAGNETIC_TILE_SPLIT.is_file(), reason="Magnetic Tile dataset not present")

@@ -41,13 +41,13 @@ def test_sweep_registers_one_champion_per_category_and_lists_every_trial(sweep):
         best = max(float(r["val_image_auroc"]) for r in mine)
         assert entry["validation"]["val_image_auroc"] == pytest.approx(best, abs=1e-4)
         winner = next(r for r in mine if r["trial"] == entry["trial"])
-        assert "champion" in winner["role"] and winner["test_image_auroc"]
+        assert "champion" in winner["role"] and winner["image_auroc"]
         # test metrics exist only for the trials scored on the held-out images: best and default per model
-        scored = [r for r in mine if r["test_image_auroc"]]
+        scored = [r for r in mine if r["image_auroc"]]
         assert all("best of model" in r["role"] or "default" in r["role"] for r in scored)
         assert (out / "champions" / category / "model" / "stats.json").is_file()
         stats = json.loads((out / "champions" / category / "model" / "stats.json").read_text())
-        assert stats["metrics"]["test_image_auroc"] == pytest.approx(entry["test"]["test_image_auroc"])
+        assert stats["metrics"]["image_auroc"] == pytest.approx(entry["test"]["image_auroc"])
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("raylib_ad")

@@ -1,5 +1,6 @@
 """Anomaly-detection metrics on raw scores (exact, numpy in, python floats out)."""
 
+from raylib_ad.metrics.at_threshold import confusion_at, defect_metrics_at, threshold_metrics, threshold_report
 from raylib_ad.metrics.aupro import PixelScores, aupro, pixel_auroc, pro_curve, split_pixels
 from raylib_ad.metrics.classification import (
     auroc,
@@ -13,7 +14,8 @@ __all__ = [
     "PixelScores",
     "aupro",
     "auroc",
-    "evaluation_report",
+    "confusion_at",
+    "defect_metrics_at",
     "f1_at",
     "f1_max",
     "pixel_auroc",
@@ -21,14 +23,6 @@ __all__ = [
     "pro_curve",
     "roc_curve",
     "split_pixels",
+    "threshold_metrics",
+    "threshold_report",
 ]
-
-
-def __getattr__(name):
-    # evaluation_report needs raylib_ad.postprocess, which itself imports these
-    # metrics; loading it lazily keeps either package importable first.
-    if name == "evaluation_report":
-        from raylib_ad.metrics.evaluate import evaluation_report
-
-        return evaluation_report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,10 @@
 """What every model in the zoo is: a plain torch module with a name, defaults and a forward pass.
 
-A model declares its learning type ("memory_bank" models are fitted once over the training set by
-`fit(batches)`; "gradient" models are trained by the shared loop in raylib_ad/train), its anomalib-named
-settings with defaults, and returns an `AnomalyOutput` from `forward(images)` in eval mode.
+A model declares its anomalib-named settings with defaults, how it is trained as a recipe of stages
+(`recipe()`, see models/recipe.py: collect, optimize, calibrate), and returns an `AnomalyOutput` from
+`forward(images)` in eval mode. The defaults of `recipe()` cover the two common shapes: a memory-bank
+model's `fit(batches)` becomes one Collect stage; a model with `default_epochs` and
+`configure_optimizers()` becomes one Optimize stage with a single loss.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .components.feature_extractor import FeatureExtractor
+from .recipe import Collect, Optimize, OptimizerSpec, Stage
 
 
 @dataclass
@@ -26,14 +29,18 @@ class AnomalyOutput:
 
 class AnomalyModel(nn.Module):
     name: ClassVar[str]
-    learning_type: ClassVar[str] = "memory_bank"
-    default_backbone: ClassVar[str]
-    default_layers: ClassVar[tuple[str, ...]]
+    # None: the model has no timm backbone (GANomaly, DRAEM): no weights needed, inputs normalized with
+    # `input_mean` / `input_std`.
+    default_backbone: ClassVar[str | None]
+    default_layers: ClassVar[tuple[str, ...]] = ()
+    input_mean: ClassVar[tuple[float, ...]] = (0.485, 0.456, 0.406)
+    input_std: ClassVar[tuple[float, ...]] = (0.229, 0.224, 0.225)
     # anomalib's parameter names and defaults; `--set key=value` may override any of them.
     defaults: ClassVar[dict[str, Any]] = {}
     produces_maps: ClassVar[bool] = True
-    # Gradient models only: epochs when --max-epochs is not given, and gradient-norm clipping (None: off).
-    default_epochs: ClassVar[int] = 10
+    # Models trained by gradient: epochs of the main Optimize stage when --max-epochs is not given
+    # (anomalib's max_epochs). None: the model has no Optimize stage (memory banks, zero-shot).
+    default_epochs: ClassVar[int | None] = None
     gradient_clip_val: ClassVar[float | None] = None
     # "sum" when the loss adds up over the batch (STFPM): DDP averages gradients over workers, so the
     # loop scales such a loss by the world size to keep N workers x batch b equal to 1 worker x N*b.
@@ -44,6 +51,8 @@ class AnomalyModel(nn.Module):
     # What a sweep searches by default ({key: {distribution: args}}, see raylib_ad/tuning/space.py);
     # None: the model must be given a --search-space file.
     search_space: ClassVar[dict[str, Any] | None] = None
+    # jobs/benchmark.py's configuration for this model: {"settings": {...}, "layers": [...] or None}.
+    benchmark_preset: ClassVar[dict[str, Any]] = {"settings": {}, "layers": None}
 
     def __init__(self, backbone: str | None = None, layers: Iterable[str] | None = None, *,
                  pretrained: bool = True, weights: str | None = None, image_size: int = 256,
@@ -59,25 +68,60 @@ class AnomalyModel(nn.Module):
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.pretrained = pretrained
-        self.feature_extractor = FeatureExtractor(self.backbone_name, self.layers, pretrained=pretrained,
-                                                  weights=weights)
+        self.weights = weights
+        if self.backbone_name is None:
+            self.feature_extractor = None
+            self.normalization = (tuple(self.input_mean), tuple(self.input_std))
+        else:
+            self.feature_extractor = FeatureExtractor(self.backbone_name, self.layers, pretrained=pretrained,
+                                                      weights=weights)
+            self.normalization = (tuple(self.feature_extractor.mean), tuple(self.feature_extractor.std))
 
     # -- description -----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this model (the weights come separately)."""
         return {"model": self.name, "backbone": self.backbone_name, "layers": self.layers,
                 "image_size": self.image_size, "seed": self.seed, "settings": dict(self.settings),
-                "mean": list(self.feature_extractor.mean), "std": list(self.feature_extractor.std)}
+                "mean": list(self.normalization[0]), "std": list(self.normalization[1])}
 
     @property
     def device(self) -> torch.device:
-        return next(self.feature_extractor.parameters()).device
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
 
     # -- training --------------------------------------------------------------------------------
+    @classmethod
+    def trains_by_gradient(cls) -> bool:
+        """Whether the recipe has an Optimize stage with an epoch budget (--max-epochs, sweeps' "epochs")."""
+        return cls.default_epochs is not None
+
+    def recipe(self) -> list[Stage]:
+        """How this model is trained, as ordered stages (models/recipe.py). Called on the worker after the
+        model is on its device. Default: a memory-bank fit as one Collect stage, or, for a model with
+        `default_epochs`, one Optimize stage over `configure_optimizers()` with the train-mode forward's loss."""
+        if not self.trains_by_gradient():
+            return [Collect("fit", self.fit)]
+        optimizer, scheduler = self.configure_optimizers()
+        return [Optimize("train", modules={"model": self}, epochs=self.default_epochs, main=True,
+                         optimizers=[OptimizerSpec("main", optimizer, scheduler, interval="epoch",
+                                                   clip_grad_norm=self.gradient_clip_val)],
+                         loss_reduction=self.loss_reduction,
+                         frozen_features=self.frozen_features if self.has_frozen_part else None,
+                         needs_images_with_frozen=self.needs_images_with_frozen)]
+
+    # Whether frozen_features() returns the output of a frozen pretrained part (cacheable).
+    has_frozen_part: ClassVar[bool] = False
+
     def fit(self, batches: Iterable[torch.Tensor], progress: bool = False) -> None:
         """Memory-bank models: one pass over the (sharded) training images, then a reduction across
         workers through raylib_ad.distributed. Every worker ends with the same fitted model."""
-        raise NotImplementedError(f"{self.name} is trained by the gradient loop, not fit()")
+        raise NotImplementedError(f"{self.name} declares no fit(); see its recipe()")
+
+    def configure_optimizers(self):
+        raise NotImplementedError(f"{self.name} declares no configure_optimizers(); see its recipe()")
 
     def frozen_features(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Gradient models: the output of the frozen, pretrained part for these images, or None when
@@ -101,11 +145,13 @@ class AnomalyModel(nn.Module):
 _RESNET_STRIDES = {"act1": 2, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
-def default_layers_for(backbone: str, resnet_layers: Iterable[str]) -> list[str]:
+def default_layers_for(backbone: str | None, resnet_layers: Iterable[str]) -> list[str]:
     """anomalib's default layers, translated by stride to `backbone`'s feature modules
     (tf_efficientnet_lite0: layer1..4 -> blocks.1, blocks.2, blocks.4, blocks.6)."""
     from .components.feature_extractor import feature_layers
 
+    if backbone is None:
+        return []
     names, strides = feature_layers(backbone)
     if all(layer in names for layer in resnet_layers):
         return list(resnet_layers)

@@ -12,10 +12,12 @@ from raylib_ad.postprocess.threshold import (
     quantile_threshold,
 )
 from raylib_ad.postprocess.validation_split import carve_validation
+from raylib_ad.postprocess.report import evaluation_report
 
 __all__ = [
     "NormalizationStats",
     "carve_validation",
+    "evaluation_report",
     "fit_image_threshold",
     "fit_normalization",
     "fit_pixel_threshold",

@@ -1,7 +1,9 @@
-"""One training run, end to end: data -> Ray Train fit -> evaluation -> model directory -> MLflow.
+"""One training run, end to end: data -> Ray Train fit (the model's recipe) -> evaluation -> model
+directory -> MLflow.
 
 `raylib-ad train` and jobs/train.py both call `run_training`. Everything the user needs is on disk in
-`out/` before tracking starts: out/model/ (loadable with raylib_ad.load), out/metrics.json, plots.
+`out/` before tracking starts: out/model/ (loadable with raylib_ad.load), out/metrics.json, out/split.csv
+(each image's role), plots. Headline metrics use only the held-out test images (train/prepare.py).
 """
 
 from __future__ import annotations
@@ -17,123 +19,90 @@ from typing import Any
 import numpy as np
 
 from raylib_ad.artifact import read_model, write_stats
-from raylib_ad.data import build_manifest, split_counts, validate_manifest
 from raylib_ad.evaluation import overlay_indices, score_split
-from raylib_ad.metrics import evaluation_report
-from raylib_ad.models import model_class
-from raylib_ad.models.components.feature_extractor import backbone_mean_std
-from raylib_ad.models.components.weights import resolve_weights
 from raylib_ad.options import TrainOptions
-from raylib_ad.postprocess.validation_split import carve_validation
+from raylib_ad.postprocess.report import evaluation_report
 from raylib_ad.tracking.mlflow_run import log_training_run
+from raylib_ad.train.prepare import PreparedRun, prepare
 
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1", "fit_seconds", "test_images_per_second",
                 "peak_memory_mb")
-
-
-def prepare(options: TrainOptions, validate: bool = True):
-    """Everything that can fail on bad input, done before any worker starts. `validate=False` skips
-    decoding every image once (a sweep validates each category once, not once per trial)."""
-    cls = model_class(options.model)
-    category = options.resolved_category()
-    table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed,
-                           normal_dir=options.normal_dir, abnormal_dir=options.abnormal_dir,
-                           mask_dir=options.mask_dir)
-    if validate:
-        validate_manifest(table)
-    kwargs = options.model_kwargs()
-    backbone = kwargs.get("backbone", cls.default_backbone)
-    if kwargs.get("pretrained", True):
-        resolve_weights(backbone, kwargs.get("weights"))  # offline without weights: fail now, not in a worker
-    return cls, category, table, kwargs, backbone
+WORKER_KEYS = ("fit_compute_seconds", "memory_bank_rows", "feature_seconds", "coreset_seconds", "best_epoch",
+               "best_val_image_auroc", "epochs")
 
 
 def run_training(options: TrainOptions) -> dict[str, Any]:
-    cls, category, table, kwargs, backbone = prepare(options)
+    run = prepare(options)
     out = Path(options.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    train_rows = table.filter(_split_mask(table, "train"))
-    test_rows = table.filter(_split_mask(table, "test"))
-    print(f"[raylib_ad] {options.data}/{category}: {json.dumps(split_counts(table))}", file=sys.stderr)
+    run.write_split_csv(out)
+    fit = fit_on_cluster(run, out)
 
-    labels = test_rows.column("label").to_numpy()
-    val_idx, heldout = carve_validation(labels, options.val_fraction, options.seed)
-    fit = _fit_on_ray(options, cls, kwargs, backbone, train_rows, test_rows.take(val_idx), out)
-
-    model = read_model(fit["model_dir"], device=_eval_device(options))
-    keep = set(overlay_indices(labels, heldout))
-    scored = score_split(model, test_rows, batch_size=options.batch_size, keep_images=keep,
+    model = read_model(fit.model_dir, device=_eval_device(options))
+    keep = set(overlay_indices(run.test_labels, run.heldout_idx))
+    scored = score_split(model, run.test_rows, batch_size=options.batch_size, keep_images=keep,
                          progress=options.progress)
     report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
-                               val_fraction=options.val_fraction, seed=options.seed)
-    worker = fit["worker_metrics"]
+                               val_idx=run.val_idx, heldout_idx=run.heldout_idx)
     metrics = {
         **report["metrics"],
-        "fit_seconds": fit["seconds"],
+        "fit_seconds": fit.seconds,
         "test_images_per_second": scored.images_per_second,
-        "peak_memory_mb": max([_rss_mb(), *worker.get("worker_peak_rss_mb", [])]),
-        "n_train": train_rows.num_rows,
-        "n_test": test_rows.num_rows,
+        "peak_memory_mb": max([_rss_mb(), *fit.metrics.get("worker_peak_rss_mb", [])]),
+        "n_train": run.train_rows.num_rows,
+        "n_test": run.test_rows.num_rows,
         "n_validation": report["n_validation"],
+        "n_test_heldout": report["n_test_heldout"],
+        **{key: fit.metrics[key] for key in WORKER_KEYS if key in fit.metrics},
     }
-    for key in ("fit_compute_seconds", "memory_bank_rows", "feature_seconds", "coreset_seconds", "best_epoch",
-                "best_val_image_auroc"):
-        if key in worker:
-            metrics[key] = worker[key]
-    if fit["history"]:
-        metrics["epochs"] = len(fit["history"])
-        metrics["train_images_per_second"] = float(np.mean([h["train_images_per_second"] for h in fit["history"]]))
-    final_dir = _install_model(fit["model_dir"], out)
-    write_stats(final_dir, _deployment_stats(report, metrics, options, category))
+    if fit.history:
+        metrics["train_images_per_second"] = float(np.mean([h["train_images_per_second"] for h in fit.history]))
+    final_dir = _install_model(fit.model_dir, out)
+    write_stats(final_dir, _deployment_stats(report, metrics, options, run.category))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = _write_plots(out, scored, report)
 
     if options.mlflow:
         run_id = log_training_run(
-            experiment=options.experiment, run_name=f"{cls.name}-{options.data}-{category}",
-            params={**options.to_dict(), "category": category, "backbone": backbone,
+            experiment=options.experiment, run_name=f"{run.cls.name}-{options.data}-{run.category}",
+            params={**options.to_dict(), "category": run.category, "backbone": run.backbone,
                     "layers": model.layers, "settings": model.settings},
-            metrics=metrics, model_dir=final_dir, artifacts=[out / "metrics.json", *plots], history=fit["history"],
-            tags={"model": cls.name, "dataset": options.data, "category": category})
+            metrics=metrics, model_dir=final_dir, artifacts=[out / "metrics.json", out / "split.csv", *plots],
+            history=fit.history, tags={"model": run.cls.name, "dataset": options.data, "category": run.category})
         if run_id:
             metrics["mlflow_run_id"] = run_id
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(summary_table(cls.name, category, metrics), file=sys.stderr)
+    print(summary_table(run.cls.name, run.category, metrics), file=sys.stderr)
     return metrics
 
 
-def _fit_on_ray(options, cls, kwargs, backbone, train_rows, val_rows, out, callbacks=None) -> dict[str, Any]:
-    """The Ray part of a run: shard the images, fit on the workers, fetch the model directory."""
-    from raylib_ad.data.ray_dataset import manifest_to_dataset
+def runner_config(run: PreparedRun):
+    from raylib_ad.train.runner import RunnerConfig
+
+    o = run.options
+    return RunnerConfig(batch_size=o.batch_size, max_epochs=o.max_epochs, max_steps=o.max_steps,
+                        patience=o.patience, max_minutes=o.max_minutes, seed=o.seed, progress=o.progress,
+                        image_size=o.image_size, mean=run.mean, std=run.std)
+
+
+def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
+    """The Ray part of a run: deal the images to the workers, run the model's recipe, fetch the model."""
     from raylib_ad.train.ray_setup import cluster_cpus, ensure_ray
+    from raylib_ad.train.ray_train import fit_on_ray
     from raylib_ad.train.resources import cpus_per_worker
 
+    o = run.options
     ensure_ray()
-    mean, std = backbone_mean_std(backbone)
-    common = dict(workers=options.workers, gpus_per_worker=options.gpus_per_worker, batch_size=options.batch_size,
-                  cpus_per_worker=cpus_per_worker(cluster_cpus(), options.workers, options.cpus_per_worker),
-                  storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}")
-    train = manifest_to_dataset(train_rows, options.image_size, mean, std)
-    start = time.perf_counter()
-    if cls.learning_type == "gradient":
-        from raylib_ad.train.gradient import fit_gradient
-
-        val = manifest_to_dataset(val_rows, options.image_size, mean, std, with_masks=True)
-        model_dir, worker_metrics, history = fit_gradient(
-            cls.name, kwargs, train, val, max_epochs=options.max_epochs or cls.default_epochs,
-            patience=options.patience, max_minutes=options.max_minutes, callbacks=callbacks, **common)
-        _plot_history(history, out)
-    else:
-        from raylib_ad.train.memory_bank import fit_memory_bank
-
-        model_dir, worker_metrics = fit_memory_bank(cls.name, kwargs, train, progress=options.progress,
-                                                    callbacks=callbacks, **common)
-        history = []
-        digests = set(worker_metrics["worker_digests"])
-        if len(digests) != 1:
-            raise RuntimeError(f"workers ended with different models (digests {sorted(digests)}); refusing to save")
-    return {"model_dir": model_dir, "worker_metrics": worker_metrics, "history": history,
-            "seconds": time.perf_counter() - start}
+    fit = fit_on_ray(run.cls.name, run.model_kwargs, run.train_rows, run.val_rows, runner_config(run),
+                     workers=o.workers, gpus_per_worker=o.gpus_per_worker,
+                     cpus_per_worker=cpus_per_worker(cluster_cpus(), o.workers, o.cpus_per_worker),
+                     storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", callbacks=callbacks)
+    if fit.metrics.get("digests_must_match") and len(set(fit.metrics["worker_digests"])) != 1:
+        raise RuntimeError(f"workers ended with different models (digests {fit.metrics['worker_digests']}); "
+                           "refusing to save")
+    if fit.history:
+        _plot_history(fit.history, out)
+    return fit
 
 
 # --- sweeps: a trial is scored on the validation subset only; the held-out rest once, on winners ----------
@@ -144,39 +113,30 @@ def fit_and_validate(options: TrainOptions, *, callbacks: list | None = None,
     """A sweep trial: fit, then score ONLY the validation subset of the test split (the one run_training
     fits thresholds on). The held-out rest stays unseen until test_on_heldout, so selecting among trials
     never looks at the images the winner is finally measured on. Writes out/model."""
-    cls, category, table, kwargs, backbone = prepare(options, validate=validate_data)
+    run = prepare(options, validate=validate_data, quiet=True)
     out = Path(options.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    test_rows = table.filter(_split_mask(table, "test"))
-    val_idx, _ = carve_validation(test_rows.column("label").to_numpy(), options.val_fraction, options.seed)
-    val_rows = test_rows.take(val_idx)
-    fit = _fit_on_ray(options, cls, kwargs, backbone, table.filter(_split_mask(table, "train")), val_rows, out,
-                      callbacks=callbacks)
-    final_dir = _install_model(fit["model_dir"], out)
+    run.write_split_csv(out)
+    fit = fit_on_cluster(run, out, callbacks=callbacks)
+    final_dir = _install_model(fit.model_dir, out)
     model = read_model(final_dir, device=_eval_device(options))
-    scored = score_split(model, val_rows, batch_size=options.batch_size, progress=False)
-    return {"model_dir": str(final_dir), "val": _threshold_free(scored, "val_"), "history": fit["history"],
-            "fit_seconds": fit["seconds"], "worker_metrics": fit["worker_metrics"], "backbone": backbone,
-            "layers": list(model.layers), "settings": dict(model.settings), "n_validation": int(val_idx.size)}
+    scored = score_split(model, run.val_rows, batch_size=options.batch_size, progress=False)
+    return {"model_dir": str(final_dir), "val": _threshold_free(scored, "val_"), "history": fit.history,
+            "fit_seconds": fit.seconds, "worker_metrics": fit.metrics, "backbone": run.backbone,
+            "layers": list(model.layers), "settings": dict(model.settings), "n_validation": int(run.val_idx.size)}
 
 
 def test_on_heldout(options: TrainOptions, model_dir: str | Path) -> dict[str, Any]:
     """Score the whole test split once with a trained model: threshold and normalization are fitted on
     the validation subset (written into model_dir/stats.json so the directory serves as run_training's
-    does); the returned test_* metrics use only the held-out images outside that subset."""
-    cls, category, table, kwargs, backbone = prepare(options, validate=False)
-    test_rows = table.filter(_split_mask(table, "test"))
+    does); the returned metrics carry the same names as run_training's and use only the held-out images."""
+    run = prepare(options, validate=False, quiet=True)
     model = read_model(model_dir, device=_eval_device(options))
-    scored = score_split(model, test_rows, batch_size=options.batch_size, progress=options.progress)
+    scored = score_split(model, run.test_rows, batch_size=options.batch_size, progress=options.progress)
     report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
-                               val_fraction=options.val_fraction, seed=options.seed)
-    held = np.asarray(report["heldout_idx"], dtype=np.int64)
-    sub = type(scored)(labels=scored.labels[held], scores=scored.scores[held],
-                       masks=None if scored.masks is None else scored.masks[held],
-                       maps=None if scored.maps is None else scored.maps[held], seconds=scored.seconds)
-    metrics = {**_threshold_free(sub, "test_"), "test_image_f1": report["metrics"]["image_f1"],
-               "n_test_heldout": int(held.size), "n_validation": report["n_validation"]}
-    write_stats(model_dir, _deployment_stats(report, metrics, options, category))
+                               val_idx=run.val_idx, heldout_idx=run.heldout_idx)
+    metrics = {**report["metrics"], "n_test_heldout": report["n_test_heldout"], "n_validation": report["n_validation"]}
+    write_stats(model_dir, _deployment_stats(report, metrics, options, run.category))
     return metrics
 
 
@@ -229,12 +189,6 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "training_curves.png", dpi=100)
     plt.close(fig)
     (out / "history.json").write_text(json.dumps(history, indent=2, default=float))
-
-
-def _split_mask(table, split: str):
-    import pyarrow.compute as pc
-
-    return pc.equal(table.column("split"), split)
 
 
 def _eval_device(options: TrainOptions) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("category", "model", "trial", "params", "status", "val_image_auroc", "val_pixel_auroc",
-           "val_pixel_aupro", "fit_seconds", "test_image_auroc", "test_pixel_auroc", "test_pixel_aupro",
-           "test_image_f1", "role")
+           "val_pixel_aupro", "fit_seconds", "image_auroc", "pixel_auroc", "pixel_aupro", "image_f1", "role")
+# image_auroc ... image_f1: the held-out test images, the same names and images as `raylib-ad train`'s metrics.
 
 
 def _cell(value: Any) -> str:

@@ -91,7 +91,7 @@ def load_space_file(path: str | Path) -> dict[str, dict[str, Any]]:
 def check_space(model: str, space: dict[str, Any], where: str) -> None:
     """Unknown keys and malformed distributions -> ConfigError naming `where` (a file or 'default')."""
     cls = model_class(model)
-    allowed = set(cls.defaults) | {"layers"} | ({"epochs"} if cls.learning_type == "gradient" else set())
+    allowed = set(cls.defaults) | {"layers"} | ({"epochs"} if cls.trains_by_gradient() else set())
     for key, spec in space.items():
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key '{model}.{key}'; valid keys: {sorted(allowed)}")

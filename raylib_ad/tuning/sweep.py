@@ -173,7 +173,7 @@ def _tune(opts: SweepOptions, trials: list[Trial], out: Path) -> dict[str, dict[
         print(f"[raylib_ad] resuming the sweep in {path}", file=sys.stderr)
         tuner = tune.Tuner.restore(str(path), trainable=trainable)
     else:
-        gradient = tuple(sorted({t.model for t in trials if model_class(t.model).learning_type == "gradient"}))
+        gradient = tuple(sorted({t.model for t in trials if model_class(t.model).trains_by_gradient()}))
         scheduler = None
         if opts.scheduler == "asha" and gradient:
             from raylib_ad.tuning.scheduler import GroupedASHA
@@ -244,6 +244,11 @@ def _rank(row: dict[str, Any]) -> tuple[float, float]:
     return value(SELECT_METRIC), value(TIE_BREAK)
 
 
+# What a winner's held-out test yields (train/run.py test_on_heldout): the names `raylib-ad train` uses.
+HELDOUT_KEYS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_aupro", "image_f1", "image_precision",
+                "image_recall", "n_test_heldout")
+
+
 def _select_and_test(opts: SweepOptions, rows: list[dict[str, Any]], out: Path) -> dict[str, dict[str, Any]]:
     """Winners by validation metrics; test scoring (once, cached) of each model's best and default trial."""
     from raylib_ad.train.run import test_on_heldout
@@ -293,8 +298,8 @@ def _record(opts: SweepOptions, plan: dict[str, Any], rows: list[dict[str, Any]]
         _log_mlflow(opts, plan, rows, champions, state, save)
 
     summary = write_summary(rows, out)
-    best = {(r["category"], r["model"]): r["test_image_auroc"] for r in rows
-            if "best of model" in r["role"] and "test_image_auroc" in r}
+    best = {(r["category"], r["model"]): r["image_auroc"] for r in rows
+            if "best of model" in r["role"] and "image_auroc" in r}
     chart = plot_test_auroc(best, out) if best else None
     table = {}
     for category, entry in champions.items():
@@ -309,9 +314,8 @@ def _record(opts: SweepOptions, plan: dict[str, Any], rows: list[dict[str, Any]]
             "registered_model": f"raylib_ad-{opts.base.data}-{category}",
             "mlflow_run_id": state["trial_runs"].get(row["trial"]),
             "validation": {k: row[k] for k in row if k.startswith("val_")},
-            "test": {k: row[k] for k in row if k.startswith("test_")},
-            "default_trial_test": None if default is None else {k: v for k, v in default.items()
-                                                                 if k.startswith("test_")},
+            "test": {k: row[k] for k in HELDOUT_KEYS if k in row},
+            "default_trial_test": None if default is None else {k: default[k] for k in HELDOUT_KEYS if k in default},
             "model_dir": str(champion_dir),
         }
     champions_path = out / "champions.json"
@@ -319,7 +323,7 @@ def _record(opts: SweepOptions, plan: dict[str, Any], rows: list[dict[str, Any]]
     if opts.base.mlflow and state.get("parent_run_id"):
         from raylib_ad.tracking.mlflow_run import log_to_run
 
-        metrics = {f"{c}.champion_test_image_auroc": t["test"]["test_image_auroc"] for c, t in table.items()}
+        metrics = {f"{c}.champion_image_auroc": t["test"]["image_auroc"] for c, t in table.items()}
         log_to_run(state["parent_run_id"], metrics={**metrics, "sweep_seconds": seconds},
                    artifacts=[*summary, champions_path, *([chart] if chart else [])])
     print(f"[raylib_ad] sweep done in {seconds:.0f} s: {len(table)} champions; {out / 'summary.md'}", file=sys.stderr)

@@ -57,7 +57,7 @@ def run_trial(config: dict[str, Any]) -> None:
     with open(directory / STARTS_FILE, "a") as log:  # one line per start: proves a resume re-ran nothing
         log.write(f"{time.time():.3f}\n")
     callbacks = None
-    if model_class(trial["model"]).learning_type == "gradient":
+    if model_class(trial["model"]).trains_by_gradient():
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks = [TuneReportCallback()]

@@ -24,6 +24,8 @@ class DFKDE(AnomalyModel):
     default_layers = ("layer4",)
     defaults = {"n_pca_components": 16, "feature_scaling_method": "scale", "max_training_points": 40000}
     # Sweep defaults (raylib_ad/tuning/space.py format).
+    # jobs/benchmark.py's configuration (tf_efficientnet_lite0 layers): the reference rows of docs/benchmarks.md
+    benchmark_preset = {"settings": {"n_pca_components": 16, "max_training_points": 40000}, "layers": ["blocks.6"]}
     search_space = {"n_pca_components": {"choice": [8, 16, 32]}, "layers": {"choice": [["layer4"], ["layer3"]]}}
     produces_maps = False
 

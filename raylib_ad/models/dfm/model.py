@@ -26,6 +26,8 @@ class DFM(AnomalyModel):
     default_layers = ("layer3",)
     defaults = {"pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre", "moments_max_dim": 4096}
     # Sweep defaults (raylib_ad/tuning/space.py format).
+    # jobs/benchmark.py's configuration (tf_efficientnet_lite0 layers): the reference rows of docs/benchmarks.md
+    benchmark_preset = {"settings": {"pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre"}, "layers": ["blocks.4"]}
     search_space = {"pca_level": {"uniform": [0.9, 0.995]}, "score_type": {"choice": ["fre", "nll"]}}
 
     def __init__(self, *args, **kwargs):

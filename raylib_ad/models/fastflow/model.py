@@ -53,14 +53,17 @@ def fastflow_block(dims: tuple[int, int, int], flow_steps: int, conv3x3_only: bo
 @register_model
 class Fastflow(AnomalyModel):
     name = "fastflow"
-    learning_type = "gradient"
+    has_frozen_part = True  # the pretrained backbone/teacher/encoder is frozen: its features are cached
     default_backbone = "resnet18"
     default_layers = ("layer1", "layer2", "layer3")
     # anomalib's defaults; optimizer Adam(lr=1e-3, weight_decay=1e-5), no scheduler.
+    default_epochs = 500  # anomalib's max_epochs (its config adds early stopping, patience 3)
     defaults = {"flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0, "lr": 1e-3, "weight_decay": 1e-5}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
     needs_images_with_frozen = False  # trains on the backbone's features alone
     # Sweep defaults (raylib_ad/tuning/space.py format): lr brackets anomalib's 1e-3 (Adam).
+    # jobs/benchmark.py's configuration (tf_efficientnet_lite0 layers): the reference rows of docs/benchmarks.md
+    benchmark_preset = {"settings": {}, "layers": ["blocks.1", "blocks.2", "blocks.4"]}
     search_space = {
         "lr": {"loguniform": [1e-4, 1e-2]},
         "epochs": {"randint": [3, 10]},

@@ -28,6 +28,8 @@ class Padim(AnomalyModel):
     defaults = {"n_features": None, "covariance_regularization": 0.01}
     # Sweep defaults (raylib_ad/tuning/space.py format). 150 features fit every layer choice on resnet18
     # and tf_efficientnet_lite0 (layer2+3 there has 152 channels).
+    # jobs/benchmark.py's configuration (tf_efficientnet_lite0 layers): the reference rows of docs/benchmarks.md
+    benchmark_preset = {"settings": {"n_features": 100}, "layers": ["blocks.1", "blocks.2", "blocks.4"]}
     search_space = {
         "n_features": {"choice": [50, 100, 150]},
         "layers": {"choice": [["layer1", "layer2", "layer3"], ["layer2", "layer3"]]},

@@ -34,14 +34,17 @@ def _number_in(value, low: float, high: float = math.inf, *, low_open: bool = Fa
 @register_model
 class ReverseDistillation(AnomalyModel):
     name = "reverse_distillation"
-    learning_type = "gradient"
+    has_frozen_part = True  # the pretrained backbone/teacher/encoder is frozen: its features are cached
     default_backbone = "wide_resnet50_2"
     default_layers = ("layer1", "layer2", "layer3")
     # anomalib: Adam(lr=0.005, betas=(0.5, 0.99)) over decoder + bottleneck; maps added by default.
     defaults = {"anomaly_map_mode": "add", "lr": 0.005, "beta1": 0.5, "beta2": 0.99}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
     needs_images_with_frozen = False  # trains on the encoder's features alone
+    default_epochs = 200  # anomalib's max_epochs (its config validates every 200 epochs, patience 3)
     # Sweep defaults (raylib_ad/tuning/space.py format): lr brackets anomalib's 0.005 (Adam).
+    # jobs/benchmark.py's configuration (tf_efficientnet_lite0 layers): the reference rows of docs/benchmarks.md
+    benchmark_preset = {"settings": {}, "layers": ["blocks.1", "blocks.2", "blocks.4"]}
     search_space = {
         "lr": {"loguniform": [0.001, 0.01]},
         "epochs": {"randint": [3, 10]},

@@ -1,4 +1,7 @@
-"""One call that turns test-split scores (and optionally maps) into the full metric report."""
+"""One call that turns test-split scores (and optionally maps) into the full metric report.
+
+Lives in postprocess (not metrics) because it fits thresholds and normalization: metrics/ stays plain
+functions that import nothing else of the package."""
 
 from __future__ import annotations
 
@@ -34,24 +37,22 @@ def evaluation_report(
     seed: int = 0,
     fpr_limit: float = 0.3,
     quantile: float = 0.99,
+    val_idx=None,
+    heldout_idx=None,
 ) -> dict:
     """Evaluate raw anomaly scores on a test split.
 
-    Two kinds of numbers, computed on different images on purpose:
-
-    * Threshold-free metrics (image_auroc, image_f1_max, pixel_auroc, pixel_aupro) use
-      the WHOLE test split, exactly as papers report them. Pixel metrics need ``masks``
-      and ``maps`` and at least one anomalous pixel in the masks.
-    * Thresholded metrics (image_f1, image_precision, image_recall, pixel_f1) are
-      NEVER computed on validation images: a stratified validation subset
-      (``val_fraction``, ``seed``) is carved out of the test split, the thresholds and
-      normalization stats are fitted on it, and these metrics use only the remaining
-      held-out images. Threshold: F1-max on validation if it has anomalies, else the
-      ``quantile`` of its normal scores. Normalization: min/max of validation scores
-      (pixel stats: min/max of validation maps).
-
-    ``maps`` without ``masks`` still yields pixel_stats (threshold = quantile of the
-    pixels of normal validation images) but no pixel metrics.
+    A validation subset of the test split (``val_idx``, or carved here: stratified, ``val_fraction``,
+    ``seed``) fits the deployment threshold and the normalization; a gradient run also chose its best
+    epoch on it. So every headline metric uses only the HELD-OUT rest (``heldout_idx``):
+    image_auroc, image_f1_max, pixel_auroc, pixel_aupro (threshold-free, needing masks with anomalous
+    pixels for the pixel ones) and image_f1 / precision / recall, pixel_f1 at the fitted threshold.
+    The same threshold-free figures over the whole split, as papers report them for models that choose
+    nothing on test images, are kept as whole_split_image_auroc and so on.
+    Threshold: F1-max on validation if it has anomalies, else the ``quantile`` of its normal scores.
+    Normalization: min/max of validation scores (pixel stats: min/max of validation maps).
+    ``maps`` without ``masks`` still yields pixel_stats (threshold = quantile of the pixels of normal
+    validation images) but no pixel metrics.
 
     Returns {"metrics": {name: float}, "image_stats": dict, "pixel_stats": dict | None,
     "threshold_method": str, "pixel_threshold_method": str | None, "n_validation": int,
@@ -73,24 +74,21 @@ def evaluation_report(
                 f"maps must be (N, H, W) with N = {values.size} images, got shape {maps_arr.shape}"
             )
 
-    normal_sorted = np.sort(values[~is_anomalous])
-    metrics = {
-        "image_auroc": auroc_sorted(normal_sorted, values[is_anomalous]),
-        "image_f1_max": f1_max_sorted(normal_sorted, values[is_anomalous])[0],
-    }
-    has_pixel_truth = masks is not None and bool(masks_arr.any())
-    if has_pixel_truth:
-        pixels = split_pixels(masks_arr, maps_arr)  # the one big sort, shared by both metrics
-        metrics["pixel_auroc"] = auroc_sorted(pixels.normal_sorted, pixels.anomalous, "masks")
-        metrics["pixel_aupro"] = aupro_from_split(pixels, fpr_limit)
-        del pixels  # free the sorted copy before the validation work below
-
-    val_idx, heldout_idx = carve_validation(is_anomalous, val_fraction, seed)
+    if val_idx is None or heldout_idx is None:
+        val_idx, heldout_idx = carve_validation(is_anomalous, val_fraction, seed)
+    val_idx, heldout_idx = np.asarray(val_idx, dtype=np.int64), np.asarray(heldout_idx, dtype=np.int64)
     if val_idx.size == 0:
         raise DataError(
             f"no validation images could be carved from {values.size} test images "
             f"(val_fraction={val_fraction}); need at least 2 images of one class"
         )
+    metrics = {}
+    pixel_truth = masks_arr if masks is not None else None
+    for prefix, rows in (("", heldout_idx), ("whole_split_", np.arange(values.size))):
+        metrics.update(_threshold_free(is_anomalous[rows], values[rows],
+                                       None if pixel_truth is None else pixel_truth[rows],
+                                       None if pixel_truth is None else maps_arr[rows], fpr_limit, prefix))
+    has_pixel_truth = masks is not None and bool(masks_arr.any())
     threshold, method = fit_image_threshold(is_anomalous[val_idx], values[val_idx], quantile)
     image_stats = fit_normalization(values[val_idx], threshold)
     precision, recall, f1 = precision_recall_f1_at(
@@ -128,3 +126,17 @@ def evaluation_report(
         "val_idx": val_idx.tolist(),
         "heldout_idx": heldout_idx.tolist(),
     }
+
+
+def _threshold_free(is_anomalous, values, masks, maps, fpr_limit: float, prefix: str) -> dict:
+    """Image AUROC and F1-max, and pixel AUROC / AUPRO where the masks hold anomalous pixels."""
+    metrics = {}
+    if is_anomalous.any() and (~is_anomalous).any():
+        normal_sorted = np.sort(values[~is_anomalous])
+        metrics[f"{prefix}image_auroc"] = auroc_sorted(normal_sorted, values[is_anomalous])
+        metrics[f"{prefix}image_f1_max"] = f1_max_sorted(normal_sorted, values[is_anomalous])[0]
+    if masks is not None and bool(masks.any()) and not bool(masks.all()):
+        pixels = split_pixels(masks, maps)  # the one big sort, shared by both metrics
+        metrics[f"{prefix}pixel_auroc"] = auroc_sorted(pixels.normal_sorted, pixels.anomalous, "masks")
+        metrics[f"{prefix}pixel_aupro"] = aupro_from_split(pixels, fpr_limit)
+    return metrics

@@ -1,0 +1,144 @@
+"""Everything about a run that can be decided, or can fail, before any worker starts.
+
+`prepare(options)` returns one `PreparedRun`: the manifest, its train and test rows, the validation
+subset carved once from the test split (thresholds, normalization and a gradient run's best epoch are
+chosen on it) and the held-out rest (every headline metric), the model's keyword arguments, and its
+input normalization. `raylib-ad train`, a sweep trial and the sweep's held-out test all use it, so they
+agree on which image plays which role; `split.csv` in the output directory records it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raylib_ad.data import build_manifest, split_counts, validate_manifest
+from raylib_ad.errors import ConfigError
+from raylib_ad.models import AnomalyModel, model_class
+from raylib_ad.models.components.weights import resolve_weights
+from raylib_ad.options import TrainOptions
+from raylib_ad.postprocess.validation_split import carve_validation
+
+SPLIT_FILE = "split.csv"
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
+
+
+@dataclass
+class PreparedRun:
+    options: TrainOptions
+    cls: type[AnomalyModel]
+    category: str
+    table: pa.Table  # the whole manifest
+    train_rows: pa.Table
+    test_rows: pa.Table
+    val_idx: np.ndarray  # positions in test_rows of the validation subset
+    heldout_idx: np.ndarray  # positions in test_rows of the held-out rest
+    model_kwargs: dict[str, Any]
+    backbone: str | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def val_rows(self) -> pa.Table:
+        return self.test_rows.take(self.val_idx)
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.test_rows.column("label").to_numpy()
+
+    def write_split_csv(self, out: Path) -> Path:
+        """path,role for every image: train, validation or heldout."""
+        roles = np.full(self.test_rows.num_rows, "heldout", dtype=object)
+        roles[self.val_idx] = "validation"
+        path = Path(out) / SPLIT_FILE
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "role"])
+            writer.writerows((p, "train") for p in self.train_rows.column("path").to_pylist())
+            writer.writerows(zip(self.test_rows.column("path").to_pylist(), roles))
+        return path
+
+
+def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -> PreparedRun:
+    """Check every option and model setting, build and check the manifest, carve the validation subset.
+    `validate=False` skips decoding every image once (a sweep validates each category once)."""
+    check_options(options)
+    cls = model_class(options.model)
+    category = options.resolved_category()
+    kwargs = options.model_kwargs()
+    if "class_name" in cls.defaults and kwargs.get("class_name") is None:
+        kwargs["class_name"] = category.replace("_", " ")  # prompts of zero-shot models name the object
+    backbone = kwargs.get("backbone", cls.default_backbone)
+    if backbone is not None and kwargs.get("pretrained", True):
+        resolve_weights(backbone, kwargs.get("weights"))  # offline without weights: fail now, not in a worker
+    probe = _check_model(cls, kwargs)
+    table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed,
+                           normal_dir=options.normal_dir, abnormal_dir=options.abnormal_dir,
+                           mask_dir=options.mask_dir)
+    if validate:
+        validate_manifest(table)
+    train_rows = table.filter(pc.equal(table.column("split"), "train"))
+    test_rows = table.filter(pc.equal(table.column("split"), "test"))
+    if train_rows.num_rows < options.workers:
+        raise ConfigError(f"--workers {options.workers}: the train split has only {train_rows.num_rows} images; "
+                          f"use at most {max(train_rows.num_rows, 1)} workers")
+    if test_rows.num_rows < 2:
+        raise ConfigError(f"the test split of {options.data}/{category} has {test_rows.num_rows} images; "
+                          "at least 2 are needed (validation subset + held-out images)")
+    val_idx, heldout_idx = carve_validation(test_rows.column("label").to_numpy(), options.val_fraction, options.seed)
+    if not quiet:
+        print(f"[raylib_ad] {options.data}/{category}: {split_counts(table)}; test split: {val_idx.size} validation, "
+              f"{heldout_idx.size} held-out", file=sys.stderr)
+    mean, std = probe.normalization
+    return PreparedRun(options=options, cls=cls, category=category, table=table, train_rows=train_rows,
+                       test_rows=test_rows, val_idx=val_idx, heldout_idx=heldout_idx, model_kwargs=kwargs,
+                       backbone=backbone, mean=tuple(mean), std=tuple(std))
+
+
+def _check_model(cls: type[AnomalyModel], kwargs: dict[str, Any]) -> AnomalyModel:
+    """Build the model once on the driver, without pretrained weights, so that an unknown or invalid
+    setting, an impossible image size for its layers or a missing layer fails here in a second, not in
+    every worker after Ray's start."""
+    return cls(**{**kwargs, "pretrained": False})
+
+
+def check_options(options: TrainOptions) -> None:
+    """One-line errors naming the option and its valid range."""
+
+    def need(ok: bool, option: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{option} {value!r} is invalid: expected {expected}")
+
+    def integer(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    need(integer(options.workers) and options.workers >= 1, "--workers", options.workers, "an integer >= 1")
+    need(integer(options.image_size) and MIN_IMAGE_SIZE <= options.image_size <= MAX_IMAGE_SIZE, "--image-size",
+         options.image_size, f"an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
+    need(integer(options.batch_size) and options.batch_size >= options.workers, "--batch-size", options.batch_size,
+         f"an integer >= --workers ({options.workers}): it is the global batch, split over the workers")
+    need(number(options.val_fraction) and 0 < options.val_fraction < 1, "--val-fraction", options.val_fraction,
+         "a number in (0, 1)")
+    need(number(options.gpus_per_worker) and options.gpus_per_worker >= 0, "--gpus-per-worker",
+         options.gpus_per_worker, "a number >= 0")
+    if options.cpus_per_worker is not None:
+        need(number(options.cpus_per_worker) and options.cpus_per_worker > 0, "--cpus-per-worker",
+             options.cpus_per_worker, "a number > 0")
+    for option, value in (("--max-epochs", options.max_epochs), ("--max-steps", options.max_steps),
+                          ("--patience", options.patience)):
+        if value is not None:
+            need(integer(value) and value >= 1, option, value, "an integer >= 1")
+    if options.max_minutes is not None:
+        need(number(options.max_minutes) and options.max_minutes > 0, "--max-minutes", options.max_minutes,
+             "a number > 0")

@@ -1,0 +1,186 @@
+"""Ray Train glue for the stage runner: the only module that knows about ray.train.
+
+- Data: the driver deals the manifest's rows round-robin into one Ray Dataset per worker (row i goes to
+  worker i mod N), read in a fixed order. Every image is seen exactly once whatever the image count
+  (Ray Train's default split makes shards equal by dropping rows), and the same seed, data and worker
+  count give every worker the same images in the same order on every run (the default split hands out
+  blocks to whichever worker asks first).
+- Failures: a worker that dies (process killed, node lost) is a reason to restart the worker group from
+  the latest checkpoint; an exception raised by the model's own code is not — it would fail the same way
+  again. Ray Train's policy retries both, so retries are decided here: the trainer runs with
+  max_failures=0, and a lost worker relaunches the same run (same name and storage: Ray Train restores
+  the latest checkpoint), up to `max_failures` times; a model error ends the run at once with its message.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raylib_ad.errors import ModelError
+from raylib_ad.models import create_model
+from raylib_ad.train.runner import FINAL_MODEL, PROGRESS, RunnerConfig, run_recipe
+
+
+def deal_rows(table: pa.Table, workers: int) -> list[pa.Table]:
+    """Row i to worker i mod N, in row order: shards differ by at most one row and none is dropped."""
+    return [table.take(list(range(rank, table.num_rows, workers))) for rank in range(workers)]
+
+
+class RayWorkerIO:
+    """WorkerIO (train/runner.py) over Ray Train: this worker's datasets, reports and checkpoints."""
+
+    def __init__(self, device: torch.device, prefetch_batches: int, has_val: bool):
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = device
+        self._prefetch = prefetch_batches
+        self._has_val = has_val
+
+    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        shard = ray.train.get_dataset_shard(f"train_{self.rank}")
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=self.device,
+                                              prefetch_batches=self._prefetch):
+            yield batch["image"]
+
+    def val_batches(self, batch_size: int):
+        if not self._has_val:
+            return None
+        shard = ray.train.get_dataset_shard(f"val_{self.rank}")
+        return shard.iter_torch_batches(batch_size=batch_size, device=self.device)
+
+    def restore(self) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else Path(checkpoint.to_directory())
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        # The report uploads the directory to the run's storage before it returns.
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    torch.set_num_threads(config["torch_threads"])
+    device = ray.train.torch.get_device()
+    runner = RunnerConfig(**config["runner"])
+    torch.manual_seed(runner.seed)  # anything a model draws from the global RNG is drawn alike on every run
+    model = create_model(config["model"], **config["model_kwargs"]).to(device)
+    io = RayWorkerIO(device, runner.prefetch_batches, config["has_val"])
+    run_recipe(model, io, runner)
+
+
+@dataclass
+class RayFit:
+    model_dir: str  # the fitted model directory inside Ray's checkpoint storage
+    metrics: dict[str, Any]  # rank 0's final report
+    history: list[dict[str, Any]]  # one record per epoch of every Optimize stage
+    seconds: float  # wall time of the fit, Ray Train's start and teardown included
+    restarts: int  # worker-group restarts after lost workers
+
+
+def fit_on_ray(
+    model: str,
+    model_kwargs: dict[str, Any],
+    train_rows: pa.Table,
+    val_rows: pa.Table | None,
+    runner: RunnerConfig,
+    *,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    storage_path: str,
+    run_name: str,
+    max_failures: int = 2,
+    callbacks: list | None = None,
+    decode_cpus: float = 0.5,
+) -> RayFit:
+    """Train `model` by its recipe on `workers` Ray Train workers."""
+    from ray.data import ExecutionOptions
+
+    from raylib_ad.data.ray_dataset import manifest_to_dataset
+
+    datasets = {}
+    for rank, rows in enumerate(deal_rows(train_rows, workers)):
+        datasets[f"train_{rank}"] = manifest_to_dataset(rows, runner.image_size, runner.mean, runner.std,
+                                                        decode_cpus=decode_cpus)
+    if val_rows is not None:
+        for rank, rows in enumerate(deal_rows(val_rows, workers)):
+            datasets[f"val_{rank}"] = manifest_to_dataset(rows, runner.image_size, runner.mean, runner.std,
+                                                          with_masks=True, decode_cpus=decode_cpus)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # a fixed image order per worker: reproducible runs
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    trainer_kwargs = dict(
+        train_loop_config={"model": model, "model_kwargs": model_kwargs, "runner": asdict(runner),
+                           "has_val": val_rows is not None, "torch_threads": max(1, int(cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+        run_config=RunConfig(storage_path=storage_path, name=run_name, failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
+    )
+    start = time.perf_counter()
+    restarts = 0
+    while True:
+        try:
+            result = TorchTrainer(_worker_loop, **trainer_kwargs).fit()
+            break
+        except Exception as error:  # noqa: BLE001 - classified below
+            lost = _lost_worker(error)
+            if not lost:
+                raise ModelError(f"{model} failed inside a worker: {_first_cause(error)}") from error
+            if restarts >= max_failures:
+                raise RuntimeError(f"{model}: workers were lost {restarts + 1} times ({lost}); giving up "
+                                   f"(the last checkpoint is under {storage_path}/{run_name})") from error
+            restarts += 1
+            print(f"[raylib_ad] a worker was lost ({lost}); restarting from the latest checkpoint "
+                  f"({restarts}/{max_failures})", flush=True)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see the logs under {storage_path}/{run_name}")
+    directory = Path(result.checkpoint.path)
+    progress = json.loads((directory / PROGRESS).read_text())
+    return RayFit(model_dir=str(directory / FINAL_MODEL), metrics=dict(result.metrics),
+                  history=progress["history"], seconds=time.perf_counter() - start, restarts=restarts)
+
+
+def _lost_worker(error: BaseException) -> str | None:
+    """A description of the worker death behind `error`, or None when the model's own code raised."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
+
+    infrastructure = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError)
+    failures = getattr(error, "worker_failures", None)
+    if failures is None:
+        return type(error).__name__ if isinstance(error, infrastructure) else None
+    # When one worker dies the others fail in their next collective: a death anywhere wins.
+    for rank, failure in failures.items():
+        if isinstance(failure, infrastructure):
+            return f"rank {rank}: {type(failure).__name__}"
+    return None
+
+
+def _first_cause(error: BaseException) -> str:
+    """The model's own exception message, without Ray's wrapping and traceback."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in failures.values():
+        cause = getattr(failure, "cause", None) or failure
+        text = str(cause).strip().splitlines()
+        if text:
+            return f"{type(cause).__name__}: {text[-1]}"
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,432 @@
+"""The one stage runner: executes any model's recipe (models/recipe.py) on one worker of N, or alone.
+
+Ray-free. Where the data comes from and where reports go is a `WorkerIO`: train/ray_train.py gives one
+backed by Ray Train (dataset shards, ray.train.report, checkpoints); `fit_in_process` gives one over
+tensors or a manifest in this process. The runner supplies, for every recipe:
+- Collect / Calibrate: the worker's shard as image batches to the stage's function (which reduces
+  across workers through raylib_ad.distributed);
+- Optimize: DDP around each trainable module of the stage, loss weighting so N workers step as one
+  process on the global batch (train/step_context.py), bf16 autocast on GPU, per-step or per-epoch
+  schedulers, augmentation and step randomness from generators seeded by (seed, rank, stage, epoch),
+  the frozen-feature cache where inputs are not augmented, per-epoch validation gathered across
+  workers, the best epoch's weights kept, early stopping (--patience), time and step budgets;
+- a checkpoint after every epoch and after every Collect stage (model, optimizers, schedulers,
+  progress), so a restarted worker group resumes where the last report left off.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from raylib_ad import distributed
+from raylib_ad.artifact import load_state_resizing, write_model_dir
+from raylib_ad.models.recipe import Collect, Optimize, main_stage
+from raylib_ad.train.extra_streams import cycle_images
+from raylib_ad.train.feature_cache import FrozenFeatureCache
+from raylib_ad.train.step_context import RunnerStepContext, loss_weight
+from raylib_ad.train.validation import fitted_state_digest, validate
+
+TRAIN_STATE, FINAL_MODEL, PROGRESS = "train_state.pt", "model", "progress.json"
+DEFAULT_FEATURE_CACHE_MB = 3072  # per worker; see train/feature_cache.py
+
+
+class WorkerIO(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """This worker's training images, on its device, in a fixed order."""
+
+    def val_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]] | None:
+        """This worker's validation images ("image", "label", "mask"), or None without a validation set."""
+
+    def restore(self) -> Path | None:
+        """The directory of the latest checkpoint, when the run is resuming."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Every worker reports; rank 0 passes the checkpoint directory (the IO may move or delete it)."""
+
+
+@dataclass
+class RunnerConfig:
+    batch_size: int = 32  # the global batch: each of N workers takes batch_size // N per step
+    max_epochs: int | None = None  # replaces the main Optimize stage's epoch budget
+    max_steps: int | None = None  # replaces the main Optimize stage's step budget
+    patience: int | None = None  # early stopping of the main stage on validation image AUROC
+    max_minutes: float | None = None  # training time over all stages
+    seed: int = 0
+    feature_cache_mb: int = DEFAULT_FEATURE_CACHE_MB
+    prefetch_batches: int = 2
+    progress: bool = False
+    image_size: int = 256
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    test_hooks: dict[str, Any] = field(default_factory=dict)  # fail_once_at_epoch, fail_marker, fail_after_s
+
+
+def _fresh_progress() -> dict[str, Any]:
+    return {"stage": 0, "stage_done": False, "epoch": -1, "steps": 0, "best": -math.inf, "best_epoch": -1,
+            "stale": 0, "history": []}
+
+
+def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
+    """Run every stage of `model.recipe()`; rank 0 reports the final model directory. Returns the final
+    metrics (every rank)."""
+    recipe = model.recipe()
+    main = main_stage(recipe)
+    progress, saved = _restore(io, model)
+    clock = {"start": time.monotonic(), "compute": 0.0}
+    for index, stage in enumerate(recipe):
+        if index < progress["stage"] or (index == progress["stage"] and progress["stage_done"]):
+            continue
+        if index != progress["stage"]:
+            progress.update(stage=index, stage_done=False, epoch=-1, steps=0, best=-math.inf, best_epoch=-1,
+                            stale=0)
+            saved = None
+        begin = time.perf_counter()
+        if isinstance(stage, Optimize):
+            stopped = _optimize(model, stage, index, io, config, progress, saved, is_main=stage is main,
+                                clock=clock)
+            clock["compute"] += time.perf_counter() - begin
+            if stopped == "time":
+                break  # --max-minutes covers the whole run: later optimize stages are skipped too
+        else:
+            _collect(model, stage, io, config)
+            clock["compute"] += time.perf_counter() - begin
+            progress["stage_done"] = True
+            if index < len(recipe) - 1:  # a later stage may fail: keep what this one computed
+                _checkpoint(model, io, progress, {"stage": stage.name, "stage_done": stage.kind}, {}, None)
+    return _final_report(model, recipe, io, progress, clock)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def _collect(model, stage: Collect, io: WorkerIO, config: RunnerConfig) -> None:
+    model.eval()
+    worker_batch = max(1, config.batch_size // io.world_size)
+    batches = (images.to(io.device) for images in io.train_batches(worker_batch))
+    with torch.no_grad():
+        stage.run(batches, config.progress and io.rank == 0)
+
+
+def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerConfig,
+              progress: dict[str, Any], saved: dict[str, Any] | None, *, is_main: bool,
+              clock: dict[str, float]) -> str | None:
+    epochs = config.max_epochs if is_main and config.max_epochs else stage.epochs
+    steps_budget = config.max_steps if is_main and config.max_steps else stage.steps
+    if is_main and config.max_epochs and not config.max_steps:
+        steps_budget = None  # an explicit epoch budget replaces a step budget rather than racing it
+    specs = {spec.name: spec for spec in stage.optimizers}
+    if saved:
+        for name, spec in specs.items():
+            spec.optimizer.load_state_dict(saved["optimizers"][name]["optimizer"])
+            if spec.scheduler is not None and saved["optimizers"][name]["scheduler"] is not None:
+                spec.scheduler.load_state_dict(saved["optimizers"][name]["scheduler"])
+    best_state = saved.get("best_state") if saved else None
+    modules = {name: _wrap_for_ddp(module, io) for name, module in stage.modules.items()}
+    use_amp = io.device.type == "cuda"
+    worker_batch = max(1, config.batch_size // io.world_size)
+    cache = None
+    if stage.caches_frozen and config.feature_cache_mb > 0:
+        cache = FrozenFeatureCache(config.feature_cache_mb * 2**20, keep_images=stage.needs_images_with_frozen)
+    extra = {s.name: cycle_images(s, config, io.rank, io.device) for s in stage.extra_streams}
+    stop_reason = None
+    epoch = progress["epoch"] + 1
+    while (epochs is None or epoch < epochs) and (steps_budget is None or progress["steps"] < steps_budget):
+        _maybe_fail_for_tests(config.test_hooks, epoch, io)
+        seed = _mix(config.seed, io.rank, index, epoch)
+        generator = torch.Generator(device=io.device).manual_seed(seed)
+        model.eval()  # frozen parts stay in eval mode; the stage's trainable modules train
+        for module in stage.modules.values():
+            module.train()
+        from_cache = cache is not None and cache.ready
+        if from_cache:
+            batches = cache.batches(worker_batch, torch.Generator().manual_seed(seed))
+        else:
+            batches = ((images.to(io.device), None) for images in io.train_batches(worker_batch))
+        epoch_start = time.perf_counter()
+        sums, counts, seen, waited, standin = {}, 0.0, 0, 0.0, None
+        while steps_budget is None or progress["steps"] < steps_budget:
+            ask = time.perf_counter()
+            item = next(batches, None)  # time spent here is time the step waited for data
+            waited += time.perf_counter() - ask
+            local = 0 if item is None else _count(item)
+            total = local
+            if io.world_size > 1:  # all workers agree on whether anyone still has data, and on the count
+                agreed = distributed.all_reduce_sum(torch.tensor([float(item is not None), float(local)]))
+                if agreed[0] == 0:
+                    break
+                total = int(agreed[1])
+            elif item is None:
+                break
+            if item is None:  # this worker's shard is used up: join the step with weight 0
+                item = standin
+            images, frozen = item
+            if cache is not None and not from_cache:
+                frozen = _frozen_features(stage, images, use_amp)
+                cache.add(images, frozen)
+            standin = (None if images is None else images[:1],
+                       None if frozen is None else {k: v[:1] for k, v in frozen.items()})
+            batch = {"image": images}
+            if frozen is not None:
+                batch["frozen"] = frozen
+            if stage.augment is not None:
+                batch = stage.augment(batch, generator)
+            ctx = RunnerStepContext(batch=batch, modules=modules, optimizers=specs, extra=extra, epoch=epoch,
+                                    step=progress["steps"], generator=generator, use_amp=use_amp,
+                                    weight=loss_weight(stage.loss_reduction, local, total, io.world_size))
+            with torch.autocast(device_type=io.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                stage.step(ctx)
+            progress["steps"] += 1
+            for key, value in ctx.logged.items():
+                sums[key] = sums.get(key, 0.0) + value * local
+            counts += local
+            seen += local
+        if cache is not None and not cache.ready:
+            cache.seal()
+        for spec in specs.values():
+            if spec.scheduler is not None and spec.interval == "epoch":
+                spec.scheduler.step()
+        train_seconds = time.perf_counter() - epoch_start
+        metrics = _epoch_metrics(stage, epoch, sums, counts, seen, waited, train_seconds, from_cache, io)
+        if stage.validate:
+            val = io.val_batches(worker_batch)
+            if val is not None:
+                metrics.update(validate(model, val))
+        score = metrics.get("val_image_auroc", math.nan)
+        improved = not math.isnan(score) and score > progress["best"]
+        if improved:
+            progress.update(best=score, best_epoch=epoch, stale=0)
+            best_state = _cpu_state(model)
+        else:
+            progress["stale"] += 1
+        progress["epoch"] = epoch
+        progress["history"].append(metrics)
+        elapsed = float(distributed.all_reduce_max(torch.tensor([time.monotonic() - clock["start"]])))
+        if is_main and config.patience is not None and stage.validate and progress["stale"] >= config.patience:
+            stop_reason = "patience"
+        if config.max_minutes is not None and elapsed >= 60 * config.max_minutes:
+            stop_reason = "time"
+        last = stop_reason is not None or (epochs is not None and epoch + 1 >= epochs) or (
+            steps_budget is not None and progress["steps"] >= steps_budget)
+        progress["stage_done"] = last
+        if last and best_state is not None:
+            model.load_state_dict(best_state)  # later stages and the saved model use the best epoch
+        metrics.update(best_val_image_auroc=progress["best"], best_epoch=progress["best_epoch"],
+                       stopped=stop_reason is not None)
+        _checkpoint(model, io, progress, metrics, specs, None if last else best_state)
+        if last:
+            break
+        epoch += 1
+    return stop_reason
+
+
+# --- pieces -----------------------------------------------------------------------------------------
+
+
+def _wrap_for_ddp(module: torch.nn.Module, io: WorkerIO) -> torch.nn.Module:
+    if io.world_size == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    if io.device.type == "cuda":
+        # Batch statistics over the global batch, as one process would compute them (GPU only in torch).
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    device_ids = [io.device.index] if io.device.type == "cuda" else None
+    # DDP broadcasts rank 0's parameters now, so every worker starts the stage from the same weights.
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _frozen_features(stage: Optimize, images: torch.Tensor, use_amp: bool):
+    with torch.no_grad(), torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        return stage.frozen_features(images)
+
+
+def _count(item) -> int:
+    images, frozen = item
+    return len(images) if images is not None else len(next(iter(frozen.values())))
+
+
+def _mix(*values: int) -> int:
+    """A seed from several integers (seed, rank, stage, epoch), stable across runs and platforms."""
+    seed = 0
+    for value in values:
+        seed = (seed * 1_000_003 + int(value) + 7) % (2**62)
+    return seed
+
+
+def _cpu_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _epoch_metrics(stage, epoch, sums, counts, seen, waited, train_seconds, from_cache, io) -> dict[str, Any]:
+    keys = sorted(sums)
+    totals = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [counts, float(seen)],
+                                                     dtype=torch.float64))
+    images = float(totals[-1])
+    means = {k: float(totals[i] / max(float(totals[-2]), 1)) for i, k in enumerate(keys)}
+    train_loss = means.get("loss", sum(v for k, v in means.items() if k.startswith("loss_")))
+    return {"stage": stage.name, "epoch": epoch, "train_loss": train_loss, **{f"train_{k}": v for k, v in means.items()
+                                                                            if k != "loss"},
+            "train_images_per_second": images / train_seconds,
+            "train_images_per_second_per_worker": images / train_seconds / io.world_size,
+            "train_images": int(images), "from_feature_cache": from_cache,
+            "data_wait_fraction": waited / train_seconds}
+
+
+def _checkpoint(model, io: WorkerIO, progress, metrics, specs, best_state) -> None:
+    """Rank 0 writes the training state; every worker reports (Ray Train needs every rank's report)."""
+    directory = None
+    if io.rank == 0:
+        directory = tempfile.mkdtemp(prefix="raylib_ad_ckpt_")
+        torch.save({"model": model.state_dict(), "best_state": best_state, "progress": progress,
+                    "optimizers": {name: {"optimizer": spec.optimizer.state_dict(),
+                                          "scheduler": spec.scheduler.state_dict() if spec.scheduler else None}
+                                   for name, spec in specs.items()}}, Path(directory) / TRAIN_STATE)
+        (Path(directory) / PROGRESS).write_text(json.dumps(progress, default=float))
+    io.report(dict(metrics), directory)
+
+
+def _restore(io: WorkerIO, model) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    directory = io.restore()
+    if directory is None or not (Path(directory) / TRAIN_STATE).is_file():
+        return _fresh_progress(), None
+    state = torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
+    load_state_resizing(model, state["model"])
+    model.to(io.device)
+    return state["progress"], state
+
+
+def _final_report(model, recipe, io: WorkerIO, progress, clock) -> dict[str, Any]:
+    model.eval()
+    digests = distributed.all_gather_rows(
+        torch.tensor([[int(fitted_state_digest(model)[:15], 16)]], dtype=torch.int64))[:, 0].tolist()
+    rss = distributed.all_gather_rows(torch.tensor(
+        [[resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]], dtype=torch.float64))[:, 0].tolist()
+    metrics = {
+        "fit_compute_seconds": clock["compute"],
+        "worker_digests": [f"{d:015x}" for d in digests],
+        # Only recipes without an Optimize stage must end bitwise equal on every worker: DDP keeps the
+        # parameters equal, but BatchNorm statistics of a CPU run are each worker's own.
+        "digests_must_match": not any(isinstance(s, Optimize) for s in recipe),
+        "worker_peak_rss_mb": rss,
+        "world_size": io.world_size,
+        "stages": [f"{s.kind}:{s.name}" for s in recipe],
+        "final": True,
+        **getattr(model, "fit_timings", {}),
+    }
+    if hasattr(model, "memory_bank") and isinstance(model.memory_bank, torch.Tensor):
+        metrics["memory_bank_rows"] = int(model.memory_bank.shape[0])
+    if progress["history"]:
+        metrics.update(best_epoch=progress["best_epoch"], best_val_image_auroc=progress["best"],
+                       epochs=len(progress["history"]))
+    directory = None
+    if io.rank == 0:
+        directory = tempfile.mkdtemp(prefix="raylib_ad_final_")
+        write_model_dir(model, Path(directory) / FINAL_MODEL)
+        (Path(directory) / PROGRESS).write_text(json.dumps(progress, default=float))
+    io.report(metrics, directory)
+    return metrics
+
+
+def _maybe_fail_for_tests(hooks: dict[str, Any], epoch: int, io: WorkerIO) -> None:
+    """Testing hook: `fail_once_at_epoch` kills rank 1 (or 0 alone) once, early in that epoch, to prove a
+    run resumes from its latest checkpoint. A marker file makes it happen only once."""
+    marker = hooks.get("fail_marker")
+    if hooks.get("fail_once_at_epoch") != epoch or not marker or os.path.exists(marker):
+        return
+    if io.rank == min(1, io.world_size - 1):
+        Path(marker).write_text("failed once")
+        # Die a few seconds into the epoch, as a real mid-epoch crash would. Ray Train registers a
+        # reported checkpoint when its controller next polls the workers (every 2 s); a worker that
+        # dies before that poll takes its last report with it, and the run restarts one epoch earlier.
+        time.sleep(hooks.get("fail_after_s", 6.0))
+        os._exit(1)  # a hard crash, as a killed worker would look
+
+
+# --- in one process ----------------------------------------------------------------------------------
+
+
+class InProcessIO:
+    """WorkerIO for one process: training images from a tensor or a manifest, reports kept in memory."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, train, val=None, *, device="cpu", config: RunnerConfig):
+        self.device = torch.device(device)
+        self._train, self._val, self._config = train, val, config
+        self.reports: list[dict[str, Any]] = []
+        self.final_dir: Path | None = None
+        self._keep = Path(tempfile.mkdtemp(prefix="raylib_ad_inprocess_"))
+
+    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        if isinstance(self._train, torch.Tensor):
+            for start in range(0, len(self._train), batch_size):
+                yield self._train[start : start + batch_size]
+            return
+        for batch in self._decoded(self._train, batch_size, with_masks=False):
+            yield torch.from_numpy(batch["image"])
+
+    def val_batches(self, batch_size: int):
+        if self._val is None:
+            return None
+        if isinstance(self._val, dict):
+            n = len(self._val["image"])
+            return ({k: v[s : s + batch_size].to(self.device) for k, v in self._val.items()}
+                    for s in range(0, n, batch_size))
+        return ({k: torch.from_numpy(v).to(self.device) for k, v in b.items() if k != "index"}
+                for b in self._decoded(self._val, batch_size, with_masks=True))
+
+    def _decoded(self, table, batch_size, with_masks):
+        from raylib_ad.data.transforms import decode_all
+
+        cfg = self._config
+        return decode_all(table, cfg.image_size, cfg.mean, cfg.std, batch_size, with_masks=with_masks)
+
+    def restore(self) -> Path | None:
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            if metrics.get("final"):
+                target = self._keep / "final"
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.move(checkpoint_dir, target)
+                self.final_dir = target
+            else:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+@dataclass
+class InProcessFit:
+    model: Any
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    model_dir: Path | None
+
+
+def fit_in_process(model, train, val=None, *, device: str = "cpu", **config: Any) -> InProcessFit:
+    """Train `model` by its recipe in this process (the code a Ray Train worker runs, at world size 1).
+    `train`: a (N, 3, H, W) tensor of normalized images, or a manifest table; `val`: a dict of tensors
+    ("image", "label", "mask") or a manifest table. Used by the tests and `jobs/benchmark.py --no-ray`."""
+    cfg = RunnerConfig(**{"image_size": model.image_size, "mean": model.normalization[0], "std": model.normalization[1],
+                          "seed": model.seed, **config})
+    model.to(device)
+    io = InProcessIO(train, val, device=device, config=cfg)
+    metrics = run_recipe(model, io, cfg)
+    history = [r for r in io.reports if "epoch" in r and not r.get("final")]
+    return InProcessFit(model=model, metrics=metrics, history=copy.deepcopy(history),
+                        model_dir=None if io.final_dir is None else io.final_dir / FINAL_MODEL)
