@@ -23,10 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raylib_ad.errors import DataError
-from raylib_ad.models import AnomalyModel, create_model
+from raylib_ad.models import AnomalyModel, create_model, model_class
 from raylib_ad.postprocess.normalization import NormalizationStats, normalize
 
 CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "weights.safetensors", "stats.json"
+# The one vocabulary of a prediction: TrainedModel.predict, `raylib-ad predict` and the HTTP API all
+# answer with these names (README.md, "Outputs").
+PREDICTION_FIELDS = ("score", "normalized_score", "is_anomalous", "threshold")
 
 
 def write_model_dir(model: AnomalyModel, directory: str | os.PathLike, stats: dict | None = None) -> Path:
@@ -60,9 +63,10 @@ def read_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
         if not (directory / name).is_file():
             raise DataError(f"{directory} is not a raylib_ad model directory: {name} is missing")
     config = json.loads((directory / CONFIG_FILE).read_text())
+    settings = {**model_class(config["model"]).settings_added_later, **config["settings"]}
     model = create_model(config["model"], backbone=config["backbone"], layers=config["layers"],
                          image_size=config["image_size"], seed=config.get("seed", 0), pretrained=False,
-                         **config["settings"])
+                         **settings)
     load_state_resizing(model, load_file(str(directory / WEIGHTS_FILE)))
     return model.to(device).eval()
 
@@ -114,13 +118,15 @@ class TrainedModel:
 
     @torch.no_grad()
     def predict(self, images: Iterable, with_maps: bool = False) -> list[dict[str, Any]]:
-        """One dict per image: score (raw), normalized_score (0.5 = threshold), is_anomalous, threshold,
-        and with_maps the raw and normalized anomaly maps as numpy arrays (None if the model has none)."""
+        """One dict per image with the PREDICTION_FIELDS: score (raw), normalized_score (0.5 = threshold),
+        is_anomalous (score >= threshold), threshold; the last three are None without stats.json. With
+        with_maps also anomaly_map and normalized_map as numpy arrays (None if the model has none)."""
         batch = self.preprocess(list(images)).to(self.model.device)
         out = self.model(batch)
         results = []
         for i, score in enumerate(out.score.float().cpu().tolist()):
-            item: dict[str, Any] = {"score": score}
+            item: dict[str, Any] = {"score": score, "normalized_score": None, "is_anomalous": None,
+                                    "threshold": None}
             if self.image_stats is not None:
                 item["normalized_score"] = float(normalize(score, self.image_stats))
                 item["is_anomalous"] = bool(score >= self.image_stats.threshold)
@@ -134,9 +140,17 @@ class TrainedModel:
         return results
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
-    """Load a trained model directory (no Ray needed)."""
-    directory = Path(path)
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, tracking_uri: str | None = None
+         ) -> TrainedModel:
+    """Load a trained model directory (no Ray needed), or a registered version: `models:/<name>@<alias>`
+    or `models:/<name>/<version>` from the MLflow registry at `tracking_uri` (default: MLFLOW_TRACKING_URI,
+    else ./mlflow.db), downloaded once into $RAYLIB_AD_CACHE/registry/."""
+    if isinstance(path, str) and path.startswith("models:/"):
+        from raylib_ad.tracking.registry import download_model_version
+
+        directory, _ = download_model_version(path, uri=tracking_uri)
+    else:
+        directory = Path(path)
     stats_path = directory / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     return TrainedModel(read_model(directory, device), stats, directory)

@@ -1,4 +1,5 @@
-"""The `raylib-ad` command: train, predict, models, sweep. jobs/*.py call the same functions."""
+"""The `raylib-ad` command: train, predict, models, evaluate, threshold, sweep, serve. jobs/*.py call the
+same functions."""
 
 from __future__ import annotations
 
@@ -28,6 +29,25 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("models", help="list the available models")
 
+    evaluate = sub.add_parser("evaluate", help="score a trained model on a dataset without training: the "
+                              "metrics, plots and MLflow run of train")
+    _add_evaluation_arguments(evaluate)
+    evaluate.add_argument("--out", required=True, help="output directory (metrics.json, split.csv, plots)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    evaluate.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
+    evaluate.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+
+    threshold = sub.add_parser("threshold", help="fit the image threshold on the validation images for a recall "
+                               "or false-positive-rate goal and write it into the model")
+    _add_evaluation_arguments(threshold)
+    goal = threshold.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-recall", type=float, metavar="R",
+                      help="the highest threshold flagging at least R of the anomalous validation images")
+    goal.add_argument("--target-fpr", type=float, metavar="F",
+                      help="the lowest threshold flagging at most F of the normal validation images")
+    threshold.add_argument("--experiment", default="raylib_ad",
+                           help="MLflow experiment of the run behind a new registry version")
+
     from raylib_ad.tuning.arguments import add_sweep_arguments
 
     sweep = sub.add_parser("sweep", help="Tune sweep over categories x models; registers a champion per category")
@@ -50,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "models":
             return _models()
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "threshold":
+            return _threshold(args)
         if args.command == "sweep":
             from raylib_ad.tuning.sweep import main_sweep
 
@@ -66,6 +90,54 @@ def _train(args) -> int:
 
     metrics = run_training(options_from_args(args))
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}))
+    return 0
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the data (as for train; omitted ones: those the model was trained on) and the split."""
+    parser.add_argument("--model", required=True,
+                        help="model directory (DIR/model of a run), models:/<name>@<alias> or "
+                             "models:/<name>/<version>")
+    parser.add_argument("--data", choices=["mvtec", "folder", "magnetic_tile", "synthetic"],
+                        help="default: the data the model was trained on (its stats.json)")
+    parser.add_argument("--root", help="dataset root folder (default: the training run's)")
+    parser.add_argument("--category", help="category (default: the training run's, with the same --data)")
+    parser.add_argument("--split-file", help="CSV split file (split,label,defect,image,mask), VisA-style")
+    parser.add_argument("--normal-dir", help="--data folder: folder of normal images (relative to --root)")
+    parser.add_argument("--abnormal-dir", help="--data folder: folder of anomalous images")
+    parser.add_argument("--mask-dir", help="--data folder: folder of masks")
+    parser.add_argument("--seed", type=int, help="split seed (default: the model's training seed, so that the "
+                        "validation subset and held-out images are the training run's)")
+    parser.add_argument("--val-fraction", type=float, default=0.3,
+                        help="share of the test split carved out (seeded) as the validation subset")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _evaluation_options(args):
+    from dataclasses import fields
+
+    from raylib_ad.train.evaluate import EvaluationOptions
+
+    names = {f.name for f in fields(EvaluationOptions)}
+    return EvaluationOptions(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _evaluate(args) -> int:
+    from raylib_ad.train.evaluate import run_evaluation
+
+    metrics = run_evaluation(_evaluation_options(args))
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}))
+    return 0
+
+
+def _threshold(args) -> int:
+    from raylib_ad.train.evaluate import run_threshold
+
+    result = run_threshold(_evaluation_options(args), target_recall=args.target_recall, target_fpr=args.target_fpr)
+    print(json.dumps(result))
     return 0
 
 

@@ -41,6 +41,7 @@ class TrainOptions:
     seed: int = 0
     val_fraction: float = 0.3
     out: str = "runs/latest"
+    overwrite: bool = False
     experiment: str = "raylib_ad"
     mlflow: bool = True
     progress: bool = True
@@ -98,7 +99,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the model's step budget, if it has one)")
     parser.add_argument("--max-minutes", type=float, help="gradient models: stop after this much training time")
     parser.add_argument("--patience", type=int, help="gradient models: early stopping after this many epochs "
-                        "without a better validation image AUROC")
+                        "without a better validation image AUROC (default: anomalib's patience for the model; 0: off)")
     parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                         help="model setting by anomalib's name (repeatable), e.g. coreset_sampling_ratio=0.01")
     parser.add_argument("--weights", help="local backbone weights file (.pth/.safetensors)")
@@ -106,6 +107,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.3,
                         help="share of the test split carved out (seeded) to fit threshold and normalization")
     parser.add_argument("--out", default="runs/latest", help="output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in --out (its files are removed first); without it a "
+                             "non-empty --out is refused")
     parser.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

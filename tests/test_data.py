@@ -185,6 +185,51 @@ def test_mvtec_manifest_reports_every_missing_mask(tmp_path):
     assert "3 problem(s)" in message
 
 
+def test_corrupt_image_missing_mask_and_wrong_size_mask_reported_in_one_message(tmp_path):
+    # The three kinds of problem in one dataset: a run must list all of them, not stop at the first kind.
+    base = make_mvtec_tree(tmp_path)
+    corrupt = base / "test/good/001.png"
+    corrupt.write_bytes(b"\x89PNG truncated")
+    (base / "ground_truth/hole/000_mask.png").unlink()
+    wrong = write_image(base / "ground_truth/crack/000_mask.png", size=(16, 8), mode="L", value=255)
+    corrupt_mask = base / "ground_truth/crack/001_mask.png"
+    write_image(base / "test/crack/001.png")
+    corrupt_mask.write_bytes(b"not a png")
+    with pytest.raises(DataError) as info:
+        build_manifest("mvtec", tmp_path, "parts")  # what train/evaluate call first
+    message = str(info.value)
+    assert message.startswith("4 problem(s)"), message
+    assert f"missing mask for {base / 'test/hole/000.TIFF'}" in message
+    assert f"image cannot be decoded: {corrupt}" in message
+    assert f"mask size 16x8 differs from image size 32x32: mask {wrong}" in message
+    assert f"mask cannot be decoded: {corrupt_mask}" in message
+
+
+def test_validate_manifest_lists_corrupt_image_and_its_mask_problem_together(tmp_path):
+    # A split file's rows reach validate_manifest directly: one row's corrupt image must not hide
+    # another row's missing mask or a third row's wrong-size mask, nor its own mask's problem.
+    good = write_image(tmp_path / "good.png")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"nope")
+    corrupt_mask = write_image(tmp_path / "corrupt_mask.png", size=(8, 8), mode="L")
+    defect = write_image(tmp_path / "defect.png", size=(32, 24))
+    small = write_image(tmp_path / "defect_mask.png", size=(16, 16), mode="L", value=255)
+    lost = write_image(tmp_path / "lost.png")
+    table = make_manifest([
+        row(good),
+        row(corrupt, label=1, split="test", mask=corrupt_mask),
+        row(defect, label=1, split="test", mask=small),
+        row(lost, label=1, split="test", mask=tmp_path / "lost_mask.png"),
+    ])
+    with pytest.raises(DataError) as info:
+        validate_manifest(table)
+    message = str(info.value)
+    assert message.startswith("3 problem(s)"), message
+    assert f"image cannot be decoded: {corrupt}" in message
+    assert f"mask size 16x16 differs from image size 32x24: mask {small}" in message
+    assert f"mask file does not exist: {tmp_path / 'lost_mask.png'}" in message
+
+
 def test_mvtec_manifest_missing_custom_category(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "nothing_here")):
         mvtec_manifest(tmp_path, "nothing_here")

@@ -1,14 +1,18 @@
-"""`ray job submit` of jobs/train.py to a local `ray start --head` cluster, as users run it."""
+"""README.md's local `ray job submit` recipe, run line by line as a user would, on a machine where an earlier
+`ray.init()` left an auth token: the job succeeds and its MLflow run lands in the submitting directory's store."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,49 +20,119 @@ from conftest import free_port
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
+BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def head_node():
-    if not Path(RAY).exists():
+def readme_recipe() -> list[str]:
+    """The shell commands of the first bash block under "## On a Ray cluster", continuations joined."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## On a Ray cluster"):]
+    start = section.index("```bash\n") + len("```bash\n")
+    block = re.sub(r"\\\n", "", section[start:section.index("```", start)])
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def replace_once(command: str, old: str, new: str) -> str:
+    assert old in command, f"the README's recipe no longer contains {old!r}: {command}"
+    return command.replace(old, new, 1)
+
+
+def cluster_pids(temp_dir: str) -> list[int]:
+    """Processes of the cluster started with `temp_dir`: its path is on their command line, or (for those
+    that rename themselves, e.g. ray::DashboardAgent) one of their open files (logs, sockets) is under it."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if temp_dir in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(entry.name))
+                continue
+            if any(os.readlink(fd).startswith(temp_dir) for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return pids
+
+
+def kill_cluster(temp_dir: str) -> None:
+    """Kill, by pid, the processes of this test's cluster. Not `ray stop`: that stops every Ray on the
+    machine, the test session's own included."""
+    for _ in range(3):  # a raylet may start a worker while its siblings die
+        pids = cluster_pids(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if not pids:
+            return
+        time.sleep(1)
+
+
+def test_readme_job_submit_recipe_works_and_keeps_the_mlflow_run(synthetic_root, tmp_path, lite0_available):
+    if not (BIN / "ray").exists():
         pytest.skip("the ray CLI is not installed next to this Python")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    gcs_port, dashboard_port = free_port(), free_port()
-    # A separate, short temp dir (Ray's unix socket paths must stay under 108 bytes) keeps this cluster
-    # apart from the test session's in-process Ray.
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to find this test's Ray processes again")
+    start, submit, stop = readme_recipe()
+    assert "ray start --head" in start and "ray job submit" in submit and stop == "ray stop"
+
+    # The user's checkout, away from this repository so the job's mlflow.db cannot land here by accident.
+    checkout = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("raylib_ad", "jobs"):
+        shutil.copytree(REPO / name, checkout / name, ignore=ignore)
+    for name in ("README.md", "pyproject.toml", ".gitignore"):
+        shutil.copy(REPO / name, checkout / name)
+
+    # A token left by an earlier local ray.init(): a plain `ray start --head` would turn token auth on.
+    token = tmp_path / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PWD=str(checkout), RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_USAGE_STATS_ENABLED="0")
+
+    # Test-only isolation: ports and a temp dir of its own, so this cluster stays apart from any other Ray
+    # on the machine (the short /tmp dir keeps Ray's unix socket paths under 108 bytes).
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
-    start = [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats",
-             # The session's own Ray already holds the default agent ports; the job agent of a second
-             # cluster on the same machine never comes up unless it gets ports of its own.
-             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    dashboard_port = free_port()
+    start += (f" --port={free_port()} --dashboard-port={dashboard_port} --num-cpus=2 --temp-dir={temp_dir}"
+              f" --disable-usage-stats --dashboard-agent-listen-port={free_port()}"
+              f" --dashboard-agent-grpc-port={free_port()} --metrics-export-port={free_port()}"
+              f" --runtime-env-agent-port={free_port()}")
+    out = tmp_path / "run"
+    submit = replace_once(submit, "http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard_port}")
+    submit = replace_once(submit, "--root /tmp/datasets", f"--root {synthetic_root}")
+    submit = replace_once(submit, "--out /tmp/runs/demo", f"--out {out}")
+    submit += " --category widget --image-size 128 --no-progress"  # the session's small synthetic set
+
+    def shell(command: str, timeout: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], cwd=checkout, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env, gcs_port
+        started = shell(start, 180)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        for _ in range(12):  # the head's job agent can take a while to come up on a busy 2-core machine
+            result = shell(submit, 600)
+            if "No available agent" not in result.stdout + result.stderr:
+                break
+            time.sleep(5)
     finally:
-        # Not `ray stop`: that stops every Ray on the machine, the test session's own cluster included.
-        # Every process of this cluster names its temp dir on its command line.
-        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True, timeout=60)
+        kill_cluster(temp_dir)  # stands in for the recipe's `ray stop`
         shutil.rmtree(temp_dir, ignore_errors=True)
 
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "Missing authentication token" not in log and "succeeded" in log.lower()
+    store = f"sqlite:///{checkout}/mlflow.db"
+    assert f"this job logs its run to {store}" in log  # said plainly, in the job's own output
 
-def test_ray_job_submit_trains_a_model(head_node, synthetic_root, tmp_path, lite0_available):
-    address, env, _ = head_node
-    out = tmp_path / "run"
-    entrypoint = [sys.executable, "jobs/train.py", "--model", "dfm", "--data", "synthetic", "--root",
-                  str(synthetic_root), "--category", "widget", "--backbone", "tf_efficientnet_lite0",
-                  "--image-size", "128", "--workers", "2", "--out", str(out), "--no-progress", "--no-mlflow"]
-    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entrypoint]
-    for _ in range(12):  # the head's job agent can take a while to come up on a busy 2-core machine
-        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-        if "No available agent" not in result.stdout + result.stderr:
-            break
-        time.sleep(5)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in (result.stdout + result.stderr).lower()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["image_auroc"] > 0.7
-    assert (out / "model" / "weights.safetensors").is_file()
+    assert metrics["image_auroc"] > 0.7 and (out / "model" / "weights.safetensors").is_file()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=store).get_run(metrics["mlflow_run_id"])  # in the user's store, kept
+    assert run.data.metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
+    assert not (REPO / "jobs" / "mlflow.db").exists()

@@ -182,6 +182,34 @@ def test_response_fields_and_map_png():
     assert prediction_response({"score": 1.0}, info, with_map=True)["anomaly_map_png"] is None
 
 
+def test_cli_python_and_http_answer_with_the_same_field_names(model_dirs, tmp_path, capsys):
+    from raylib_ad.artifact import PREDICTION_FIELDS, load, read_model, write_model_dir
+    from raylib_ad.cli import main
+
+    image = tmp_path / "part.png"
+    image.write_bytes(png_bytes())
+    [python] = load(model_dirs[0]).predict([str(image)])
+    http = prediction_response(python, ModelInfo("widget", "model_dir", "widget", "abc", str(model_dirs[0])))
+    assert main(["predict", "--model", str(model_dirs[0]), "--maps", str(tmp_path / "maps"), str(image)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    for answer in (python, http, cli):
+        assert set(PREDICTION_FIELDS) <= set(answer), answer
+        assert "label" not in answer
+    assert cli["is_anomalous"] is http["is_anomalous"] is python["is_anomalous"]
+    assert cli["normalized_score"] == pytest.approx(http["normalized_score"])
+    assert cli["threshold"] == http["threshold"] and cli["path"] == str(image)
+    assert open(cli["anomaly_map_file"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # Without stats.json there is no threshold: all three channels say null, none says "normal".
+    bare = write_model_dir(read_model(model_dirs[0]), tmp_path / "bare")
+    [python] = load(bare).predict([str(image)])
+    assert main(["predict", "--model", str(bare), str(image)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    http = prediction_response(python, ModelInfo("widget", "model_dir", "widget", "abc", str(bare)))
+    for answer in (python, http, cli):
+        assert answer["is_anomalous"] is None and answer["threshold"] is None
+
+
 def test_cli_serve_refuses_to_start_with_nothing_to_serve(capsys):
     from raylib_ad.cli import main
 

@@ -88,14 +88,24 @@ def validate_manifest(table: pa.Table, *, check_images: bool = True) -> None:
         for r in train
         if r["label"] != NORMAL
     ]
+    problems += file_problems(rows, check_images=check_images)
+    if problems:
+        raise DataError(format_problems(problems))
+
+
+def file_problems(rows: list[dict], *, check_images: bool = True) -> list[str]:
+    """Per-row file problems (missing, undecodable, mask size != image size), in row order.
+
+    Layouts call this too when they already have structural problems (a missing mask), so
+    one message lists those and the corrupt files together instead of one kind per run.
+    """
     check = _check_files_and_images if check_images else _check_files_exist
+    problems: list[str] = []
     # PIL decoding releases the GIL, so threads overlap the I/O and the decoding.
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
         for row_problems in pool.map(check, rows, chunksize=16):
             problems += row_problems
-
-    if problems:
-        raise DataError(format_problems(problems))
+    return problems
 
 
 def _describe_source(rows: list[dict]) -> str:
@@ -115,22 +125,27 @@ def _check_files_exist(row: dict) -> list[str]:
 
 
 def _check_files_and_images(row: dict) -> list[str]:
-    problems = _check_files_exist(row)
-    if problems:
-        return problems
-    image_size, problem = _decoded_size(row["path"], "image")
-    if problem:
-        return [problem]
+    # The image and its mask are checked independently, so a corrupt image does not hide a
+    # corrupt mask; sizes are compared only when both decode.
+    problems = []
+    image_size = mask_size = None
+    if not os.path.isfile(row["path"]):
+        problems.append(f"image file does not exist: {row['path']}")
+    else:
+        image_size, problem = _decoded_size(row["path"], "image")
+        problems += [problem] if problem else []
     if row["mask_path"]:
-        mask_size, problem = _decoded_size(row["mask_path"], "mask")
-        if problem:
-            return [problem]
-        if mask_size != image_size:
-            return [
-                f"mask size {_wh(mask_size)} differs from image size {_wh(image_size)}: "
-                f"mask {row['mask_path']}, image {row['path']}"
-            ]
-    return []
+        if not os.path.isfile(row["mask_path"]):
+            problems.append(f"mask file does not exist: {row['mask_path']} (for image {row['path']})")
+        else:
+            mask_size, problem = _decoded_size(row["mask_path"], "mask")
+            problems += [problem] if problem else []
+    if image_size and mask_size and mask_size != image_size:
+        problems.append(
+            f"mask size {_wh(mask_size)} differs from image size {_wh(image_size)}: "
+            f"mask {row['mask_path']}, image {row['path']}"
+        )
+    return problems
 
 
 def _decoded_size(path: str, kind: str) -> tuple[tuple[int, int] | None, str | None]:

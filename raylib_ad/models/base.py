@@ -41,6 +41,8 @@ class AnomalyModel(nn.Module):
     # Models trained by gradient: epochs of the main Optimize stage when --max-epochs is not given
     # (anomalib's max_epochs). None: the model has no Optimize stage (memory banks, zero-shot).
     default_epochs: ClassVar[int | None] = None
+    # anomalib's early stopping (its EarlyStopping patience) when --patience is not given; None: none.
+    default_patience: ClassVar[int | None] = None
     gradient_clip_val: ClassVar[float | None] = None
     # "sum" when the loss adds up over the batch (STFPM): DDP averages gradients over workers, so the
     # loop scales such a loss by the world size to keep N workers x batch b equal to 1 worker x N*b.
@@ -51,6 +53,14 @@ class AnomalyModel(nn.Module):
     # What a sweep searches by default ({key: {distribution: args}}, see raylib_ad/tuning/space.py);
     # None: the model must be given a --search-space file.
     search_space: ClassVar[dict[str, Any] | None] = None
+    # State-dict prefixes of pretrained parts the fit never changes (left out of the workers' digests).
+    pretrained_prefixes: ClassVar[tuple[str, ...]] = ("feature_extractor.",)
+    # Settings added after models were first saved, with the value that reproduces those older models
+    # (read_model fills them in when a saved config.json lacks them).
+    settings_added_later: ClassVar[dict[str, Any]] = {}
+    # Keyword arguments that make a tiny, offline instance for the zoo-wide tests (tests/test_zoo.py):
+    # merged over {"backbone": "resnet18" (models with a backbone), "pretrained": False, "image_size": 64}.
+    test_preset: ClassVar[dict[str, Any]] = {}
     # jobs/benchmark.py's configuration for this model: {"settings": {...}, "layers": [...] or None}.
     benchmark_preset: ClassVar[dict[str, Any]] = {"settings": {}, "layers": None}
 
@@ -91,6 +101,15 @@ class AnomalyModel(nn.Module):
         for tensor in self.buffers():
             return tensor.device
         return torch.device("cpu")
+
+    @classmethod
+    def check_weights(cls, backbone: str | None, weights: str | None, settings: dict[str, Any]) -> None:
+        """Raise WeightsUnavailableError, naming the ways out, when the pretrained weights this model would
+        load cannot be had. Runs on the driver before any worker starts; must be fast."""
+        if backbone is not None:
+            from .components.weights import resolve_weights
+
+            resolve_weights(backbone, weights)
 
     # -- training --------------------------------------------------------------------------------
     @classmethod

@@ -17,10 +17,11 @@ from matplotlib.image import imsave
 from scipy import ndimage
 
 from raylib_ad.errors import DataError
+from raylib_ad.metrics.at_threshold import confusion_at
 from raylib_ad.metrics.aupro import pro_curve
 from raylib_ad.metrics.classification import check_binary, roc_curve
 
-__all__ = ["plot_roc", "plot_pro", "heatmap_overlay", "save_overlay_grid", "anomaly_map_png"]
+__all__ = ["plot_roc", "plot_pro", "plot_threshold_report", "heatmap_overlay", "save_overlay_grid", "anomaly_map_png"]
 
 _CONTOUR_RGB = np.array([0, 255, 0], dtype=np.uint8)  # green stands out on jet and on photos
 
@@ -33,14 +34,30 @@ def _save(fig: Figure, path) -> Path:
     return path
 
 
-def plot_roc(labels, scores, path, title: str = "ROC") -> Path:
-    """Write the ROC curve (AUROC in the legend) to ``path`` as PNG; returns the path."""
+def plot_roc(labels, scores, path, title: str = "ROC", threshold: float | None = None) -> Path:
+    """Write the ROC curve (AUROC in the legend) to ``path`` as PNG; returns the path.
+
+    With ``threshold`` (the deployment threshold on raw scores), its operating point on
+    these same images is marked and labelled with its TPR and FPR, as counts too.
+    """
     fpr, tpr, _ = roc_curve(labels, scores)
     area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
-    fig = Figure(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
     ax.plot(fpr, tpr, lw=2, label=f"AUROC = {area:.4f}")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    if threshold is not None:
+        point = confusion_at(labels, scores, threshold)
+        x, y = point["fpr"], point["tpr"]
+        ax.plot([x, x], [0, y], [0, x], [y, y], ls=":", color="crimson", lw=1)
+        ax.plot([x], [y], "o", ms=10, mfc="crimson", mec="black", zorder=5,
+                label=f"threshold {threshold:.4g}")
+        text = (f"operating point\nTPR {y:.3f} ({point['tp']}/{point['tp'] + point['fn']} anomalous flagged)\n"
+                f"FPR {x:.3f} ({point['fp']}/{point['fp'] + point['tn']} normal flagged)")
+        # Keep the box inside the axes: to the right of the point unless it sits far right.
+        ax.annotate(text, (x, y), xytext=(12, -14) if x < 0.45 else (-12, -14), textcoords="offset points",
+                    ha="left" if x < 0.45 else "right", va="top", fontsize=8,
+                    bbox={"boxstyle": "round", "fc": "white", "ec": "crimson"})
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="False positive rate", ylabel="True positive rate")
     ax.set_title(title)
     ax.legend(loc="lower right")
@@ -59,6 +76,47 @@ def plot_pro(masks, maps, path, fpr_limit: float = 0.3, title: str = "PRO curve"
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_threshold_report(report: dict, path, title: str = "images at the deployment threshold") -> Path:
+    """Confusion matrix and recall per defect type from ``metrics.threshold_report``, as PNG.
+
+    Left: the 2x2 counts (rows = true class, columns = predicted). Right (with per-defect
+    data): one bar per defect type = share of its images flagged, "detected/n" written on
+    it, and a last bar for the share of good images wrongly flagged (false positives).
+    """
+    confusion, per_defect = report["confusion"], report.get("per_defect")
+    fig = Figure(figsize=(10 if per_defect else 4.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, width_ratios=[1, 1.5]) if per_defect else [fig.add_subplot()]
+    ax = axes[0]
+    counts = np.asarray(confusion["matrix"])
+    ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, counts.max()))
+    names = [["true negative", "false positive"], ["false negative\n(missed)", "true positive"]]
+    for (row, col), count in np.ndenumerate(counts):
+        dark = count > counts.max() / 2
+        ax.text(col, row, f"{count}\n{names[row][col]}", ha="center", va="center", fontsize=9,
+                color="white" if dark else "black")
+    ax.set_xticks([0, 1], ["normal", "anomalous"])
+    ax.set_yticks([0, 1], ["normal", "anomalous"])
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(f"confusion matrix (n = {report['n_images']})", fontsize=10)
+    if per_defect:
+        ax = axes[1]
+        defects = per_defect["defects"]
+        good = per_defect["good"]
+        bars = [(name, v["recall"], f"{v['detected']}/{v['n']}", "tab:blue") for name, v in defects.items()]
+        bars.append(("good (false\npositives)", good["false_positive_rate"],
+                     f"{good['false_positives']}/{good['n']}", "tab:red"))
+        positions = np.arange(len(bars))
+        heights = [0.0 if value is None else value for _, value, _, _ in bars]
+        ax.bar(positions, heights, color=[colour for *_, colour in bars])
+        for x, height, (_, value, counts_text, _) in zip(positions, heights, bars):
+            ax.text(x, height + 0.02, counts_text if value is not None else "n/a", ha="center", fontsize=8)
+        ax.set_xticks(positions, [name for name, *_ in bars], rotation=30, ha="right", fontsize=8)
+        ax.set(ylim=(0, 1.12), ylabel="share of images flagged anomalous")
+        ax.set_title("recall per defect type, false positives on good images", fontsize=10)
+    fig.suptitle(f"{title} ({report['threshold']:.4g}, raw score)", fontsize=11)
     return _save(fig, path)
 
 

@@ -21,6 +21,11 @@ __all__ = [
     "quantile_threshold",
     "fit_image_threshold",
     "fit_pixel_threshold",
+    "TARGET_RECALL",
+    "TARGET_FPR",
+    "recall_threshold",
+    "fpr_threshold",
+    "fit_goal_threshold",
 ]
 
 F1_MAX = "f1_max"
@@ -84,3 +89,65 @@ def fit_pixel_threshold(val_masks, val_maps, q: float = 0.99) -> tuple[float, st
     if pixels.normal_sorted.size == 0:
         raise DataError("validation maps are empty; cannot fit a pixel threshold")
     return float(np.quantile(pixels.normal_sorted, q)), NORMAL_QUANTILE
+
+
+# --- a threshold for a stated goal (`raylib-ad threshold`) ------------------------------------------------
+#
+# The extreme threshold meeting a goal sits exactly on one validation score (recall) or just above one
+# (FPR). Every threshold between that score and its neighbouring validation score gives the same
+# validation outcome, so the midpoint is returned: the outcome is the extreme one's, and an image scored
+# again a rounding error lower (another batch, another device) does not flip at the boundary.
+
+TARGET_RECALL = "target_recall"
+TARGET_FPR = "target_fpr"
+_EPS = 1e-9  # so that 0.9 * 10 counts as 9, not 8.999999
+
+
+def _goal_inputs(labels, scores, target: float, name: str, low_ok: bool) -> tuple[np.ndarray, np.ndarray]:
+    ok = isinstance(target, (int, float)) and not isinstance(target, bool) and (
+        (0.0 <= target < 1.0) if low_ok else (0.0 < target <= 1.0))
+    if not ok:
+        raise ConfigError(f"{name} {target!r} is invalid: expected a number in {'[0, 1)' if low_ok else '(0, 1]'}")
+    is_anomalous = check_binary(labels, "labels").ravel()
+    values = check_scores(scores, "scores").ravel().astype(np.float64)
+    if is_anomalous.shape != values.shape:
+        raise DataError(f"labels and scores differ in size: {is_anomalous.size} vs {values.size}")
+    return is_anomalous, values
+
+
+def recall_threshold(labels, scores, target_recall: float) -> float:
+    """The highest threshold (prediction: score >= threshold) whose recall on the anomalous samples is
+    >= target_recall; returned as the midpoint down to the next lower score (same outcome, see above)."""
+    is_anomalous, values = _goal_inputs(labels, scores, target_recall, "target recall", low_ok=False)
+    anomalous = np.sort(values[is_anomalous])[::-1]
+    if anomalous.size == 0:
+        raise DataError("no anomalous validation images: a recall target cannot be met or measured; "
+                        "add anomalous images or raise --val-fraction")
+    needed = min(int(np.ceil(target_recall * anomalous.size - _EPS)), anomalous.size)
+    deciding = anomalous[max(needed, 1) - 1]
+    below = values[values < deciding]
+    return float((deciding + below.max()) / 2) if below.size else float(deciding)
+
+
+def fpr_threshold(labels, scores, target_fpr: float) -> float:
+    """The lowest threshold (prediction: score >= threshold) whose false-positive rate on the normal
+    samples is <= target_fpr; returned as the midpoint up to the next higher score (see above)."""
+    is_anomalous, values = _goal_inputs(labels, scores, target_fpr, "target FPR", low_ok=True)
+    normal = np.sort(values[~is_anomalous])[::-1]
+    if normal.size == 0:
+        raise DataError("no normal validation images: a false-positive-rate target cannot be met or measured; "
+                        "add normal images or raise --val-fraction")
+    allowed = min(int(np.floor(target_fpr * normal.size + _EPS)), normal.size - 1)
+    deciding = normal[allowed]  # the highest normal score that must NOT be flagged
+    above = values[values > deciding]
+    return float((deciding + above.min()) / 2) if above.size else float(np.nextafter(deciding, np.inf))
+
+
+def fit_goal_threshold(labels, scores, *, target_recall: float | None = None,
+                       target_fpr: float | None = None) -> tuple[float, str]:
+    """(threshold, method) for exactly one goal: TARGET_RECALL or TARGET_FPR."""
+    if (target_recall is None) == (target_fpr is None):
+        raise ConfigError("give exactly one goal: --target-recall R or --target-fpr F")
+    if target_recall is not None:
+        return recall_threshold(labels, scores, target_recall), TARGET_RECALL
+    return fpr_threshold(labels, scores, target_fpr), TARGET_FPR

@@ -15,10 +15,11 @@ def prediction_response(prediction: dict[str, Any], info: ModelInfo, with_map: b
     out: dict[str, Any] = {}
     if filename is not None:
         out["filename"] = filename
+    # PREDICTION_FIELDS, the names TrainedModel.predict and `raylib-ad predict` use too.
     out.update({
         "score": float(prediction["score"]),
         "normalized_score": _float_or_none(prediction.get("normalized_score")),
-        "is_anomalous": prediction.get("is_anomalous"),
+        "is_anomalous": _bool_or_none(prediction.get("is_anomalous")),
         "threshold": _float_or_none(prediction.get("threshold")),
         "model": info.public(),
     })
@@ -53,3 +54,7 @@ def map_png_base64(prediction: dict[str, Any]) -> str | None:
 
 def _float_or_none(value) -> float | None:
     return None if value is None else float(value)
+
+
+def _bool_or_none(value) -> bool | None:
+    return None if value is None else bool(value)

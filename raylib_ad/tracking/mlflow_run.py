@@ -22,6 +22,53 @@ def tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
     return f"sqlite:///{base / 'mlflow.db'}"
 
 
+SQLITE = "sqlite:///"
+SUBMIT_DIR_ENV = "RAYLIB_AD_SUBMIT_DIR"  # the directory `ray job submit` ran in, when a job is told it
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the driver of a submitted job
+
+
+def absolute_sqlite_uri(uri: str, base_dir: str | os.PathLike) -> str:
+    """``sqlite:///mlflow.db`` (a path relative to the process's directory) -> the same file under
+    ``base_dir``; absolute sqlite paths and every other URI are returned unchanged."""
+    if uri.startswith(SQLITE) and not uri[len(SQLITE):].startswith("/") and ":memory:" not in uri:
+        return SQLITE + str((Path(base_dir) / uri[len(SQLITE):]).resolve())
+    return uri
+
+
+def in_ray_job_copy(environ: dict[str, str] | None = None) -> bool:
+    """True in the driver of a job submitted with a working_dir: its directory is Ray's temporary copy
+    of that directory, deleted with the Ray session, so nothing relative to it survives the job."""
+    import json
+
+    raw = (os.environ if environ is None else environ).get(RAY_JOB_CONFIG_ENV)
+    try:
+        return bool(raw) and bool((json.loads(raw).get("runtime_env") or {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def job_tracking_uri(environ: dict[str, str] | None = None, cwd: str | os.PathLike | None = None
+                     ) -> tuple[str, str | None]:
+    """(tracking URI, warning or None) for a `ray job submit` driver.
+
+    MLFLOW_TRACKING_URI wins; a relative sqlite path in it, and the default ./mlflow.db, are taken
+    relative to $RAYLIB_AD_SUBMIT_DIR when that is set. Otherwise, inside Ray's temporary copy of
+    the working dir, they would be deleted with the session: the warning says so and how to fix it.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = Path(cwd or os.getcwd())
+    uri = environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}mlflow.db"
+    base = environ.get(SUBMIT_DIR_ENV)
+    resolved = absolute_sqlite_uri(uri, base or cwd)
+    if base or resolved == uri or not in_ray_job_copy(environ):
+        return resolved, None
+    return resolved, (
+        f"[raylib_ad] WARNING: the MLflow store {resolved} is inside Ray's temporary copy of the working "
+        f"directory and is deleted with the Ray session. Give the job an absolute store, e.g. "
+        f"--runtime-env-json '{{\"env_vars\": {{\"MLFLOW_TRACKING_URI\": \"sqlite:///'$PWD'/mlflow.db\"}}}}' "
+        f"(README.md, \"On a Ray cluster\").")
+
+
 def _server_reachable(uri: str, timeout: float = 3.0) -> bool:
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):

@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 from raylib_ad.data import build_manifest, split_counts, validate_manifest
 from raylib_ad.errors import ConfigError
 from raylib_ad.models import AnomalyModel, model_class
-from raylib_ad.models.components.weights import resolve_weights
 from raylib_ad.options import TrainOptions
 from raylib_ad.postprocess.validation_split import carve_validation
 
@@ -75,10 +74,10 @@ def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -
     category = options.resolved_category()
     kwargs = options.model_kwargs()
     if "class_name" in cls.defaults and kwargs.get("class_name") is None:
-        kwargs["class_name"] = category.replace("_", " ")  # prompts of zero-shot models name the object
+        kwargs["class_name"] = category  # prompts of zero-shot models name the object (anomalib: the category)
     backbone = kwargs.get("backbone", cls.default_backbone)
-    if backbone is not None and kwargs.get("pretrained", True):
-        resolve_weights(backbone, kwargs.get("weights"))  # offline without weights: fail now, not in a worker
+    if kwargs.get("pretrained", True):  # offline without weights: fail now, not in a worker
+        cls.check_weights(backbone, kwargs.get("weights"), {**cls.defaults, **options.settings})
     probe = _check_model(cls, kwargs)
     table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed,
                            normal_dir=options.normal_dir, abnormal_dir=options.abnormal_dir,
@@ -135,10 +134,12 @@ def check_options(options: TrainOptions) -> None:
     if options.cpus_per_worker is not None:
         need(number(options.cpus_per_worker) and options.cpus_per_worker > 0, "--cpus-per-worker",
              options.cpus_per_worker, "a number > 0")
-    for option, value in (("--max-epochs", options.max_epochs), ("--max-steps", options.max_steps),
-                          ("--patience", options.patience)):
+    for option, value in (("--max-epochs", options.max_epochs), ("--max-steps", options.max_steps)):
         if value is not None:
             need(integer(value) and value >= 1, option, value, "an integer >= 1")
+    if options.patience is not None:
+        need(integer(options.patience) and options.patience >= 0, "--patience", options.patience,
+             "an integer >= 0 (0: no early stopping)")
     if options.max_minutes is not None:
         need(number(options.max_minutes) and options.max_minutes > 0, "--max-minutes", options.max_minutes,
              "a number > 0")

@@ -159,17 +159,28 @@ def fit_on_ray(
                   history=progress["history"], seconds=time.perf_counter() - start, restarts=restarts)
 
 
+def _user_exception(failure: BaseException) -> BaseException | None:
+    """The exception the training function itself raised, or None for a worker that died or hung
+    (Ray reports those as its own errors: health-check failures, actor errors)."""
+    from ray.exceptions import RayError
+    from ray.train.v2._internal.exceptions import RayTrainError, UserExceptionWithTraceback
+
+    if isinstance(failure, UserExceptionWithTraceback):
+        return getattr(failure, "_base_exc", failure)
+    if isinstance(failure, (RayTrainError, RayError)):
+        return None
+    return failure
+
+
 def _lost_worker(error: BaseException) -> str | None:
     """A description of the worker death behind `error`, or None when the model's own code raised."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
-
-    infrastructure = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError)
     failures = getattr(error, "worker_failures", None)
-    if failures is None:
-        return type(error).__name__ if isinstance(error, infrastructure) else None
-    # When one worker dies the others fail in their next collective: a death anywhere wins.
-    for rank, failure in failures.items():
-        if isinstance(failure, infrastructure):
+    if failures is None:  # the controller itself failed: not the model's doing
+        return None if isinstance(error, (ValueError, TypeError)) else type(error).__name__
+    # When one worker dies the others fail in their next collective ("connection closed by peer"): a
+    # death anywhere wins. Deaths show up as health-check failures or actor errors, not user exceptions.
+    for rank, failure in sorted(failures.items()):
+        if _user_exception(failure) is None:
             return f"rank {rank}: {type(failure).__name__}"
     return None
 
@@ -177,8 +188,8 @@ def _lost_worker(error: BaseException) -> str | None:
 def _first_cause(error: BaseException) -> str:
     """The model's own exception message, without Ray's wrapping and traceback."""
     failures = getattr(error, "worker_failures", None) or {}
-    for failure in failures.values():
-        cause = getattr(failure, "cause", None) or failure
+    for _, failure in sorted(failures.items()):
+        cause = _user_exception(failure) or failure
         text = str(cause).strip().splitlines()
         if text:
             return f"{type(cause).__name__}: {text[-1]}"

@@ -8,7 +8,6 @@ directory -> MLflow.
 
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import sys
@@ -19,48 +18,44 @@ from typing import Any
 import numpy as np
 
 from raylib_ad.artifact import read_model, write_stats
-from raylib_ad.evaluation import overlay_indices, score_split
+from raylib_ad.evaluation import score_split
 from raylib_ad.options import TrainOptions
 from raylib_ad.postprocess.report import evaluation_report
 from raylib_ad.tracking.mlflow_run import log_training_run
+from raylib_ad.outdir import prepare_out_dir
+from raylib_ad.train.outputs import evaluate_on_test, plot_history, summary_table
+# shared with `raylib-ad evaluate` / `threshold`, which write the same files
+from raylib_ad.train.evaluate import deployment_stats as _deployment_stats
+from raylib_ad.train.evaluate import write_metrics as _write_metrics
 from raylib_ad.train.prepare import PreparedRun, prepare
 
-SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1", "fit_seconds", "test_images_per_second",
-                "peak_memory_mb")
 WORKER_KEYS = ("fit_compute_seconds", "memory_bank_rows", "feature_seconds", "coreset_seconds", "best_epoch",
                "best_val_image_auroc", "epochs")
 
 
 def run_training(options: TrainOptions) -> dict[str, Any]:
-    run = prepare(options)
-    out = Path(options.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    run = prepare(options)  # bad options fail here, before an earlier run in --out is touched
+    out = prepare_out_dir(options.out, options.overwrite)
     run.write_split_csv(out)
     fit = fit_on_cluster(run, out)
 
     model = read_model(fit.model_dir, device=_eval_device(options))
-    keep = set(overlay_indices(run.test_labels, run.heldout_idx))
-    scored = score_split(model, run.test_rows, batch_size=options.batch_size, keep_images=keep,
-                         progress=options.progress)
-    report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
-                               val_idx=run.val_idx, heldout_idx=run.heldout_idx)
+    evaluation = evaluate_on_test(model, run, out, batch_size=options.batch_size, progress=options.progress)
+    report = evaluation["report"]
     metrics = {
-        **report["metrics"],
+        **evaluation["metrics"],
         "fit_seconds": fit.seconds,
-        "test_images_per_second": scored.images_per_second,
         "peak_memory_mb": max([_rss_mb(), *fit.metrics.get("worker_peak_rss_mb", [])]),
         "n_train": run.train_rows.num_rows,
         "n_test": run.test_rows.num_rows,
-        "n_validation": report["n_validation"],
-        "n_test_heldout": report["n_test_heldout"],
         **{key: fit.metrics[key] for key in WORKER_KEYS if key in fit.metrics},
     }
     if fit.history:
         metrics["train_images_per_second"] = float(np.mean([h["train_images_per_second"] for h in fit.history]))
     final_dir = _install_model(fit.model_dir, out)
     write_stats(final_dir, _deployment_stats(report, metrics, options, run.category))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plots = _write_plots(out, scored, report)
+    plots = evaluation["plots"]
+    _write_metrics(out, metrics, evaluation["at_threshold"])
 
     if options.mlflow:
         run_id = log_training_run(
@@ -71,7 +66,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
             history=fit.history, tags={"model": run.cls.name, "dataset": options.data, "category": run.category})
         if run_id:
             metrics["mlflow_run_id"] = run_id
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            _write_metrics(out, metrics, evaluation["at_threshold"])
     print(summary_table(run.cls.name, run.category, metrics), file=sys.stderr)
     return metrics
 
@@ -81,7 +76,8 @@ def runner_config(run: PreparedRun):
 
     o = run.options
     return RunnerConfig(batch_size=o.batch_size, max_epochs=o.max_epochs, max_steps=o.max_steps,
-                        patience=o.patience, max_minutes=o.max_minutes, seed=o.seed, progress=o.progress,
+                        patience=run.cls.default_patience if o.patience is None else (o.patience or None),
+                        max_minutes=o.max_minutes, seed=o.seed, progress=o.progress,
                         image_size=o.image_size, mean=run.mean, std=run.std)
 
 
@@ -101,7 +97,7 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
         raise RuntimeError(f"workers ended with different models (digests {fit.metrics['worker_digests']}); "
                            "refusing to save")
     if fit.history:
-        _plot_history(fit.history, out)
+        plot_history(fit.history, out)
     return fit
 
 
@@ -149,15 +145,6 @@ def _install_model(fitted_dir: str | Path, out: Path) -> Path:
     return final_dir
 
 
-def _deployment_stats(report: dict[str, Any], metrics: dict[str, Any], options: TrainOptions,
-                      category: str) -> dict[str, Any]:
-    """stats.json: threshold and normalization from the validation subset, the metrics, the data."""
-    stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
-    stats["metrics"] = metrics
-    stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}
-    return stats
-
-
 def _threshold_free(scored, prefix: str) -> dict[str, float]:
     """Image AUROC, and pixel AUROC/AUPRO where the masks hold anomalous pixels, on raw scores."""
     from raylib_ad.metrics import aupro, auroc, pixel_auroc
@@ -169,28 +156,6 @@ def _threshold_free(scored, prefix: str) -> dict[str, float]:
     return metrics
 
 
-def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
-    """training_curves.png: train loss and validation AUROCs per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] + 1 for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    left.set(title="train loss", xlabel="epoch")
-    for key in ("val_image_auroc", "val_pixel_auroc"):
-        if key in history[0]:
-            right.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    right.set(title="validation", xlabel="epoch", ylim=(0, 1))
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=100)
-    plt.close(fig)
-    (out / "history.json").write_text(json.dumps(history, indent=2, default=float))
-
-
 def _eval_device(options: TrainOptions) -> str:
     import torch
 
@@ -200,27 +165,4 @@ def _eval_device(options: TrainOptions) -> str:
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
-def _write_plots(out: Path, scored, report) -> list[Path]:
-    from raylib_ad.postprocess.plots import plot_roc, save_overlay_grid
-
-    paths = [plot_roc(scored.labels, scored.scores, out / "roc.png", title="image ROC (test split)")]
-    if (out / "training_curves.png").is_file():
-        paths.append(out / "training_curves.png")
-    if scored.maps is not None and scored.images:
-        idx = sorted(scored.images, key=lambda i: -scored.labels[i])
-        stats = report.get("pixel_stats") or report["image_stats"]
-        masks = [scored.masks[i] if scored.masks is not None else None for i in idx]
-        paths.append(save_overlay_grid([scored.images[i] for i in idx], [scored.maps[i] for i in idx], masks,
-                                       [float(scored.scores[i]) for i in idx], [int(scored.labels[i]) for i in idx],
-                                       out / "heatmaps.png", vmin=stats["min"], vmax=stats["max"]))
-    return [Path(p) for p in paths]
-
-
-def summary_table(model: str, category: str, metrics: dict[str, Any]) -> str:
-    rows = [(k, metrics[k]) for k in SUMMARY_KEYS if k in metrics]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"\n{model} on {category}", "-" * (width + 14)]
-    lines += [f"{k:<{width}}  {v:>10.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:>10}" for k, v in rows]
-    return "\n".join(lines)
 

@@ -49,8 +49,9 @@ def fitted_state_digest(model: torch.nn.Module) -> str:
     """sha256 over every tensor the fit produced (backbone weights excluded): equal digests on all
     workers prove every worker holds the same model."""
     digest = hashlib.sha256()
+    skip = tuple(getattr(model, "pretrained_prefixes", ("feature_extractor.",)))
     for key, value in sorted(model.state_dict().items()):
-        if not key.startswith("feature_extractor."):
+        if not key.startswith(skip):
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from typing import Any
 
 from raylib_ad.options import TrainOptions, parse_settings
+
+
+@dataclass
+class SweepOptions:
+    """A sweep's options: the models, the shared training options, the search and its resources."""
+
+    models: list[str]
+    base: TrainOptions
+    categories: list[str] | None = None
+    num_samples: int = 4
+    search_space: str | None = None
+    scheduler: str = "asha"
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    out: str = "runs/sweep"
+    asha_grace_period: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +54,6 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from raylib_ad.tuning.sweep import SweepOptions
-
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     names = TrainOptions.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in names and k not in ("model", "out")}

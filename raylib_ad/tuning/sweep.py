@@ -39,27 +39,13 @@ from raylib_ad.tuning.space import (
     load_space_file,
     plan_trials,
 )
+from raylib_ad.tuning.arguments import SweepOptions
 from raylib_ad.tuning.trial import LAST_RESULT_FILE, RESULT_FILE, trial_dir, trial_options
 
 SELECT_METRIC, TIE_BREAK = "val_image_auroc", "val_pixel_aupro"
 EXPERIMENT_NAME = "sweep"
 # Options that do not change what a trial computes; a resume may differ in them.
 _VOLATILE = ("out", "experiment", "mlflow", "progress", "cpus_per_worker")
-
-
-@dataclass
-class SweepOptions:
-    models: list[str]
-    base: TrainOptions
-    categories: list[str] | None = None
-    num_samples: int = 4
-    search_space: str | None = None
-    scheduler: str = "asha"
-    gpus_per_trial: float = 0.0
-    max_concurrent: int | None = None
-    out: str = "runs/sweep"
-    asha_grace_period: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_categories(categories: list[str] | None, data: str) -> list[str]:

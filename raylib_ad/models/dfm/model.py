@@ -33,10 +33,16 @@ class DFM(AnomalyModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_setting("score_type", self.settings["score_type"] in ("fre", "nll"), "'fre' or 'nll'")
-        level = float(self.settings["pca_level"])
-        self._check_setting("pca_level", level > 0, "a variance fraction in (0, 1) or a component count")
+        level = self.settings["pca_level"]
+        # anomalib: a level <= 1 is a fraction of the variance (1 included, also as the int 1), a level
+        # > 1 a component count. The count at a fraction follows anomalib's rule exactly (see
+        # components/pca.py): the components whose cumulative variance ratio stays below the level.
+        # 1.0 keeps every component with non-zero variance (anomalib's rule would drop the last one).
+        is_number = isinstance(level, (int, float)) and not isinstance(level, bool)
+        self._check_setting("pca_level", is_number and 0 < level and (level <= 1 or float(level).is_integer()),
+                            "a variance fraction in (0, 1] (1.0 = all components) or an integer count > 1")
         self._check_setting("layers", len(self.layers) == 1, "exactly one layer")
-        self.pca = PCA(level if level < 1 else int(level))
+        self.pca = PCA(float(level) if level <= 1 else int(level))
         self.produces_maps = self.settings["score_type"] == "fre"
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:

@@ -58,6 +58,8 @@ class Fastflow(AnomalyModel):
     default_layers = ("layer1", "layer2", "layer3")
     # anomalib's defaults; optimizer Adam(lr=1e-3, weight_decay=1e-5), no scheduler.
     default_epochs = 500  # anomalib's max_epochs (its config adds early stopping, patience 3)
+    # anomalib's EarlyStopping patience (monitors pixel AUROC; we monitor validation image AUROC, the headline metric)
+    default_patience = 3
     defaults = {"flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0, "lr": 1e-3, "weight_decay": 1e-5}
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
     needs_images_with_frozen = False  # trains on the backbone's features alone

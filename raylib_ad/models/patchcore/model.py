@@ -119,8 +119,14 @@ class PatchCore(AnomalyModel):
         patch_scores = dist[:, 0].view(batch, n_patches)
         locations = idx[:, 0].view(batch, n_patches)
         score = self.reweighted_score(patch_scores, locations, patches)
-        amap = self.blur(self.upsample(patch_scores.view(batch, 1, h, w)))
-        return AnomalyOutput(score=score, anomaly_map=amap[:, 0])
+        return AnomalyOutput(score=score, anomaly_map=self.anomaly_map(patch_scores.view(batch, 1, h, w)))
+
+    def anomaly_map(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) patch distances -> (B, S, S), as anomalib's PatchCore: nearest-neighbour upsampling
+        (F.interpolate's default mode, unlike the bilinear base.upsample other models use), then the
+        Gaussian blur (sigma 4, kernel 33, reflect padding)."""
+        size = (self.image_size, self.image_size)
+        return self.blur(F.interpolate(patch_scores, size=size, mode="nearest"))[:, 0]
 
     def reweighted_score(self, patch_scores, locations, patches) -> torch.Tensor:
         """Paper eq. 7: damp the max patch distance when its nearest bank entry sits in a dense region."""

@@ -34,6 +34,8 @@ class Stfpm(AnomalyModel):
     # early stopping (patience 5 in anomalib's config: pass --patience 5 to get it).
     defaults = {"lr": 0.4, "momentum": 0.9, "weight_decay": 1e-3}
     default_epochs = 100
+    # anomalib's EarlyStopping patience (monitors pixel AUROC; we monitor validation image AUROC, the headline metric)
+    default_patience = 5
     gradient_clip_val = None  # anomalib: gradient_clip_val=0, i.e. none
     # Sweep defaults (raylib_ad/tuning/space.py format): lr brackets anomalib's 0.4 (SGD).
     # jobs/benchmark.py's configuration (tf_efficientnet_lite0 layers): the reference rows of docs/benchmarks.md

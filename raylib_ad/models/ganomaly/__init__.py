@@ -1,0 +1,3 @@
+from .model import Ganomaly
+
+__all__ = ["Ganomaly"]

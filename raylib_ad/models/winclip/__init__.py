@@ -1,0 +1,3 @@
+from .model import WinClip
+
+__all__ = ["WinClip"]

@@ -1,0 +1,66 @@
+"""The output directory of a run: never reused by surprise.
+
+A second run with the same ``--out`` would replace the first one's model and metrics without a
+word, and files only the first run wrote (heatmaps, training curves) would stay next to the
+second run's numbers. So a non-empty ``--out`` is refused unless ``--overwrite`` is given; then
+the old contents are removed first, so the directory holds one run only. ``--overwrite`` only
+clears directories a raylib_ad run wrote (marker file, or a model/metrics.json), never some other
+folder given by mistake.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from raylib_ad.errors import ConfigError
+
+__all__ = ["MARKER", "prepare_out_dir"]
+
+MARKER = ".raylib_ad_run"  # written into every output directory this module hands out
+
+
+def _looks_like_a_run(out: Path) -> bool:
+    # Directories written before the marker existed are recognised by what train always wrote.
+    return (out / MARKER).is_file() or (out / "metrics.json").is_file() or (out / "model" / "config.json").is_file()
+
+
+def _clear(out: Path) -> None:
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()  # a link is removed, never what it points to
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Create ``out`` (or accept it when empty) and return it as an absolute path, marked as a run.
+
+    Non-empty ``out``: ConfigError naming it and ``--overwrite``, unless ``overwrite``; with
+    ``overwrite`` its contents are removed first, if it is a raylib_ad output directory.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose a directory path")
+    contents = [p for p in out.iterdir() if p.name != MARKER] if out.is_dir() else []
+    if contents:
+        if not overwrite:
+            raise ConfigError(f"--out {out} is not empty (it holds {_sample(contents)}); pass --overwrite "
+                              f"to replace it, or choose a new directory")
+        if not _looks_like_a_run(out):
+            raise ConfigError(f"--out {out} is not empty and was not written by raylib_ad (no {MARKER}, "
+                              f"metrics.json or model/); --overwrite clears only run directories: choose "
+                              f"a new directory")
+        _clear(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("written by raylib_ad; --overwrite may clear this directory\n")
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be created or written: {exc.strerror or exc}") from exc
+    return out
+
+
+def _sample(contents: list[Path], shown: int = 3) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in contents)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
