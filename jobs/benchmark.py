@@ -50,7 +50,8 @@ def run_with_ray(args, name: str, workers: int) -> dict:
     settings, layers = preset(name)
     out = Path(args.out) / f"{name}_w{workers}"
     options = TrainOptions(model=name, data=args.data, root=args.root, category=args.category,
-                           split_file=args.split_file, backbone=args.backbone, layers=layers,
+                           split_file=args.split_file, layers=layers, patience=args.patience,
+                           backbone=args.backbone if model_class(name).default_backbone else None,
                            image_size=args.image_size, workers=workers, gpus_per_worker=args.gpus_per_worker,
                            batch_size=args.batch_size, settings=dict(settings), out=str(out),
                            max_epochs=args.max_epochs, mlflow=False, progress=False)
@@ -89,7 +90,8 @@ def run_without_ray(args, name: str) -> dict:
     train = table.filter(pc.equal(table.column("split"), "train"))
     test = table.filter(pc.equal(table.column("split"), "test"))
     val_idx, heldout_idx = carve_validation(test.column("label").to_numpy(), 0.3, 0)
-    model = create_model(name, backbone=args.backbone, layers=layers, image_size=args.image_size, **settings)
+    backbone = args.backbone if model_class(name).default_backbone else None
+    model = create_model(name, backbone=backbone, layers=layers, image_size=args.image_size, **settings)
     mean, std = model.normalization
     # Decode once up front so the fit time is the model's, not JPEG decoding's.
     images = torch.cat([torch.from_numpy(b["image"]) for b in decode_all(
@@ -103,7 +105,7 @@ def run_without_ray(args, name: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     fit = fit_in_process(model, images, val, device=args.device, batch_size=args.batch_size,
-                         max_epochs=args.max_epochs, progress=False)
+                         max_epochs=args.max_epochs, patience=args.patience or None, progress=False)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     fit_seconds = time.perf_counter() - start
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", default="2", help="Ray Train workers; a list (1,2) measures scaling")
     parser.add_argument("--max-epochs", type=int, help="gradient models: epochs (default: the model's)")
+    parser.add_argument("--patience", type=int, help="gradient models: early stopping (default: the model's "
+                        "anomalib patience; 0: off)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--no-ray", action="store_true", help="time the model code in this process only")
     parser.add_argument("--device", default="cpu", help="with --no-ray: cpu or cuda")

@@ -102,14 +102,16 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the data the model was trained on (its stats.json)")
     parser.add_argument("--root", help="dataset root folder (default: the training run's)")
     parser.add_argument("--category", help="category (default: the training run's, with the same --data)")
-    parser.add_argument("--split-file", help="CSV split file (split,label,defect,image,mask), VisA-style")
+    parser.add_argument("--split-file", help="CSV split file (split,label,defect,image,mask), VisA-style "
+                        "(default: the training run's)")
     parser.add_argument("--normal-dir", help="--data folder: folder of normal images (relative to --root)")
     parser.add_argument("--abnormal-dir", help="--data folder: folder of anomalous images")
     parser.add_argument("--mask-dir", help="--data folder: folder of masks")
-    parser.add_argument("--seed", type=int, help="split seed (default: the model's training seed, so that the "
+    parser.add_argument("--seed", type=int, help="split seed (default: the training run's, so that the "
                         "validation subset and held-out images are the training run's)")
-    parser.add_argument("--val-fraction", type=float, default=0.3,
-                        help="share of the test split carved out (seeded) as the validation subset")
+    parser.add_argument("--val-fraction", type=float,
+                        help="share of the test split carved out (seeded) as the validation subset (default: "
+                             "the training run's, else 0.3)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")

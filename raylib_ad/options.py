@@ -31,7 +31,7 @@ class TrainOptions:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float | None = None
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the model's default_batch_size, else 32
     max_epochs: int | None = None
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -51,6 +51,10 @@ class TrainOptions:
         if not category:
             raise ConfigError(f"--category is required for --data {self.data}")
         return category
+
+    @property
+    def scoring_batch_size(self) -> int:
+        return self.batch_size or 32
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for create_model(self.model, **kwargs)."""
@@ -93,7 +97,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--cpus-per-worker", type=float, help="default: 1, or less on a small machine")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="global training batch, images per optimizer step (default: "
+                        "anomalib's for the model, 32 for most; EfficientAD 1 per worker); also the scoring batch")
     parser.add_argument("--max-epochs", type=int, help="gradient models: epochs (default: the model's)")
     parser.add_argument("--max-steps", type=int, help="gradient models: optimizer steps of the main stage "
                         "(default: the model's step budget, if it has one)")

@@ -41,6 +41,8 @@ class AnomalyModel(nn.Module):
     # Models trained by gradient: epochs of the main Optimize stage when --max-epochs is not given
     # (anomalib's max_epochs). None: the model has no Optimize stage (memory banks, zero-shot).
     default_epochs: ClassVar[int | None] = None
+    # anomalib's training batch when --batch-size is not given (None: 32, the project's default).
+    default_batch_size: ClassVar[int | None] = None
     # anomalib's early stopping (its EarlyStopping patience) when --patience is not given; None: none.
     default_patience: ClassVar[int | None] = None
     gradient_clip_val: ClassVar[float | None] = None

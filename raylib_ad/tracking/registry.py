@@ -96,3 +96,130 @@ def download_champion(dataset: str, category: str, dst: str | os.PathLike, *,
     path = mlflow.artifacts.download_artifacts(artifact_uri=champion.source, dst_path=str(dst),
                                                tracking_uri=uri or tracking_uri())
     return Path(path), champion
+
+
+# --- any registered version by URI: models:/<name>@<alias>, models:/<name>/<version> -------------------
+
+MODELS_SCHEME = "models:/"
+LATEST = "latest"
+
+
+def is_registry_uri(value) -> bool:
+    return isinstance(value, str) and value.startswith(MODELS_SCHEME)
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One version of a registered model; `alias` is the alias it was asked for by, if any."""
+
+    name: str
+    version: int
+    run_id: str | None
+    source: str
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"{MODELS_SCHEME}{self.name}/{self.version}"
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` -> (name, alias, None); `models:/name/3` or `models:/name/latest` ->
+    (name, None, "3" / "latest"). Anything else is a ConfigError saying both accepted forms."""
+    body = model_uri[len(MODELS_SCHEME):] if is_registry_uri(model_uri) else ""
+    name, alias, version = body, None, None
+    if "@" in body:
+        name, _, alias = body.partition("@")
+    elif "/" in body:
+        name, _, version = body.partition("/")
+    valid_version = version is not None and (version.isdigit() or version == LATEST)
+    if not name or "/" in name or not (alias or valid_version):
+        raise ConfigError(f"model URI {model_uri!r} is invalid: expected models:/<name>@<alias> or "
+                          f"models:/<name>/<version>")
+    return name, alias, version
+
+
+def resolve_model_uri(model_uri: str, *, uri: str | None = None) -> RegisteredVersion:
+    """The version a models:/ URI names right now (an alias is looked up, not cached: it may move)."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_uri(model_uri)
+    client = _client(uri)
+    try:
+        if alias is not None:
+            found = client.get_model_version_by_alias(name, alias)
+        elif version == LATEST:
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise MlflowException(f"{name} has no versions")
+            found = max(versions, key=lambda v: int(v.version))
+        else:
+            found = client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ConfigError(f"{model_uri} is not in the registry at {uri or tracking_uri()}: "
+                          f"{str(err).splitlines()[0]}") from None
+    return RegisteredVersion(name, int(found.version), found.run_id, found.source, alias)
+
+
+def model_cache_dir(uri: str | None = None) -> Path:
+    """Where downloaded versions are kept: $RAYLIB_AD_CACHE/registry/<store>/ (default ~/.cache/raylib_ad),
+    one folder per tracking store so that two stores' `name/1` never share a folder."""
+    import hashlib
+
+    root = Path(os.environ.get("RAYLIB_AD_CACHE", Path.home() / ".cache" / "raylib_ad"))
+    store = hashlib.sha1((uri or tracking_uri()).encode()).hexdigest()[:12]
+    return root / "registry" / store
+
+
+def version_dir(version: RegisteredVersion, *, uri: str | None = None, cache_dir: str | os.PathLike | None = None
+                ) -> Path:
+    """The cache folder of one version (a registered version never changes, so it is downloaded once)."""
+    return Path(cache_dir or model_cache_dir(uri)) / version.name / f"v{version.version}"
+
+
+def download_model_version(model_uri: str, *, uri: str | None = None, cache_dir: str | os.PathLike | None = None
+                           ) -> tuple[Path, RegisteredVersion]:
+    """The model directory of the version `model_uri` names, downloaded into the cache unless it is there
+    already; returns (directory, version). Treat the directory as read-only: it IS that version."""
+    import shutil
+    import tempfile
+
+    import mlflow.artifacts
+
+    version = resolve_model_uri(model_uri, uri=uri)
+    target = version_dir(version, uri=uri, cache_dir=cache_dir)
+    if (target / "config.json").is_file():
+        return target, version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".v{version.version}.", dir=target.parent))
+    try:
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+                                                            tracking_uri=uri or tracking_uri()))
+        except Exception as err:
+            raise ConfigError(f"{version.uri} cannot be downloaded from {version.source}: "
+                              f"{type(err).__name__}: {err}") from None
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{version.uri} ({version.source}) is not a raylib_ad model directory: "
+                              "config.json is missing")
+        shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json
+        try:
+            os.replace(path, target)
+        except OSError:  # a concurrent download of the same version got there first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, version
+
+
+def register_version(run_id: str, name: str, *, uri: str | None = None, artifact_path: str = "model",
+                     alias: str | None = None, tags: dict[str, str] | None = None) -> int:
+    """Register the run's model directory as a new version of the existing model `name`; move `alias`
+    to it when given. Returns the new version number."""
+    client = _client(uri)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)

@@ -29,6 +29,7 @@ import numpy as np
 from raylib_ad.errors import ConfigError
 from raylib_ad.options import TrainOptions
 
+SPLIT_KEYS = ("split_file", "normal_dir", "abnormal_dir", "mask_dir")  # data options besides data/root/category
 MIN_VALIDATION_IMAGES = 10  # fewer anomalous (or, for an FPR goal, normal) ones: the threshold means little
 
 
@@ -43,10 +44,15 @@ def write_metrics(out: Path, metrics: dict[str, Any], at_threshold: dict[str, An
 
 def deployment_stats(report: dict[str, Any], metrics: dict[str, Any], options: TrainOptions,
                      category: str) -> dict[str, Any]:
-    """stats.json: threshold and normalization from the validation subset, the metrics, the data."""
+    """stats.json: threshold and normalization from the validation subset, the metrics, the data (with
+    what decides the split, so `evaluate` / `threshold` find the same validation and held-out images)."""
     stats = {key: report[key] for key in ("image_stats", "pixel_stats", "threshold_method")}
     stats["metrics"] = metrics
-    stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve())}
+    stats["data"] = {"data": options.data, "category": category, "root": str(Path(options.root).resolve()),
+                     "seed": options.seed, "val_fraction": options.val_fraction,
+                     **{key: getattr(options, key) for key in SPLIT_KEYS if getattr(options, key) is not None}}
+    if options.split_file:
+        stats["data"]["split_file"] = str(Path(options.split_file).resolve())
     return stats
 
 
@@ -55,8 +61,8 @@ def deployment_stats(report: dict[str, Any], metrics: dict[str, Any], options: T
 
 @dataclass
 class EvaluationOptions:
-    """What `evaluate` and `threshold` are asked. Data options left None come from the model: the data
-    recorded in its stats.json, its training seed."""
+    """What `evaluate` and `threshold` are asked. Data options left None are the training run's (the data,
+    seed and val fraction recorded in the model's stats.json), see train_options."""
 
     model: str  # a model directory or models:/<name>@<alias> | models:/<name>/<version>
     data: str | None = None
@@ -67,7 +73,7 @@ class EvaluationOptions:
     abnormal_dir: str | None = None
     mask_dir: str | None = None
     seed: int | None = None
-    val_fraction: float = 0.3
+    val_fraction: float | None = None
     batch_size: int = 32
     device: str = "auto"
     out: str | None = None
@@ -80,6 +86,9 @@ class EvaluationOptions:
 
 @dataclass
 class ModelSource:
+    """A trained model found: its local directory (for a registry model, the cached download of the
+    version, never written to), config.json and stats.json."""
+
     spec: str  # as given
     directory: Path
     config: dict[str, Any]
@@ -106,19 +115,23 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> ModelSource:
 
 def train_options(opts: EvaluationOptions, source: ModelSource) -> TrainOptions:
     """Options for prepare(): the trained model's own name and settings (checked there, built without
-    pretrained weights: the weights come from the directory), the data asked for or trained on."""
+    pretrained weights: the weights come from the directory), the data asked for or trained on. Options
+    not given are the training run's (stats.json "data") when the data are the same, else train's defaults."""
     config, trained_on = source.config, (source.stats or {}).get("data") or {}
     data = opts.data or trained_on.get("data")
     if not data:
         raise ConfigError(f"--data is required: {source.spec} has no stats.json saying which data it was trained on")
-    same_data = data == trained_on.get("data")
+    same = trained_on if data == trained_on.get("data") else {}
+
+    def given(key: str, default: Any = None) -> Any:
+        value = getattr(opts, key)
+        return value if value is not None else same.get(key, default)
+
     return TrainOptions(
-        model=config["model"], data=data, root=opts.root or (same_data and trained_on.get("root")) or "datasets",
-        category=opts.category or (trained_on.get("category") if same_data else None), split_file=opts.split_file,
-        normal_dir=opts.normal_dir, abnormal_dir=opts.abnormal_dir, mask_dir=opts.mask_dir,
-        backbone=config.get("backbone"), layers=config.get("layers"), image_size=config["image_size"],
-        settings={**config.get("settings", {}), "pretrained": False}, batch_size=opts.batch_size,
-        seed=config.get("seed", 0) if opts.seed is None else opts.seed, val_fraction=opts.val_fraction,
+        model=config["model"], data=data, root=given("root", "datasets"), category=given("category"),
+        **{key: given(key) for key in SPLIT_KEYS}, backbone=config.get("backbone"), layers=config.get("layers"),
+        image_size=config["image_size"], settings={**config.get("settings", {}), "pretrained": False},
+        batch_size=opts.batch_size, seed=given("seed", config.get("seed", 0)), val_fraction=given("val_fraction", 0.3),
         experiment=opts.experiment, mlflow=opts.mlflow, progress=opts.progress)
 
 

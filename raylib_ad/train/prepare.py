@@ -44,6 +44,7 @@ class PreparedRun:
     backbone: str | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    batch_size: int  # the global training batch: --batch-size, else the model's default (at least 1 per worker)
 
     @property
     def val_rows(self) -> pa.Table:
@@ -99,7 +100,8 @@ def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -
     mean, std = probe.normalization
     return PreparedRun(options=options, cls=cls, category=category, table=table, train_rows=train_rows,
                        test_rows=test_rows, val_idx=val_idx, heldout_idx=heldout_idx, model_kwargs=kwargs,
-                       backbone=backbone, mean=tuple(mean), std=tuple(std))
+                       backbone=backbone, mean=tuple(mean), std=tuple(std),
+                       batch_size=options.batch_size or max(options.workers, cls.default_batch_size or 32))
 
 
 def _check_model(cls: type[AnomalyModel], kwargs: dict[str, Any]) -> AnomalyModel:
@@ -125,8 +127,10 @@ def check_options(options: TrainOptions) -> None:
     need(integer(options.workers) and options.workers >= 1, "--workers", options.workers, "an integer >= 1")
     need(integer(options.image_size) and MIN_IMAGE_SIZE <= options.image_size <= MAX_IMAGE_SIZE, "--image-size",
          options.image_size, f"an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
-    need(integer(options.batch_size) and options.batch_size >= options.workers, "--batch-size", options.batch_size,
-         f"an integer >= --workers ({options.workers}): it is the global batch, split over the workers")
+    if options.batch_size is not None:
+        need(integer(options.batch_size) and options.batch_size >= options.workers, "--batch-size",
+             options.batch_size, f"an integer >= --workers ({options.workers}): it is the global batch, split "
+             "over the workers")
     need(number(options.val_fraction) and 0 < options.val_fraction < 1, "--val-fraction", options.val_fraction,
          "a number in (0, 1)")
     need(number(options.gpus_per_worker) and options.gpus_per_worker >= 0, "--gpus-per-worker",

@@ -40,7 +40,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     fit = fit_on_cluster(run, out)
 
     model = read_model(fit.model_dir, device=_eval_device(options))
-    evaluation = evaluate_on_test(model, run, out, batch_size=options.batch_size, progress=options.progress)
+    evaluation = evaluate_on_test(model, run, out, batch_size=options.scoring_batch_size, progress=options.progress)
     report = evaluation["report"]
     metrics = {
         **evaluation["metrics"],
@@ -75,7 +75,7 @@ def runner_config(run: PreparedRun):
     from raylib_ad.train.runner import RunnerConfig
 
     o = run.options
-    return RunnerConfig(batch_size=o.batch_size, max_epochs=o.max_epochs, max_steps=o.max_steps,
+    return RunnerConfig(batch_size=run.batch_size, max_epochs=o.max_epochs, max_steps=o.max_steps,
                         patience=run.cls.default_patience if o.patience is None else (o.patience or None),
                         max_minutes=o.max_minutes, seed=o.seed, progress=o.progress,
                         image_size=o.image_size, mean=run.mean, std=run.std)
@@ -116,7 +116,7 @@ def fit_and_validate(options: TrainOptions, *, callbacks: list | None = None,
     fit = fit_on_cluster(run, out, callbacks=callbacks)
     final_dir = _install_model(fit.model_dir, out)
     model = read_model(final_dir, device=_eval_device(options))
-    scored = score_split(model, run.val_rows, batch_size=options.batch_size, progress=False)
+    scored = score_split(model, run.val_rows, batch_size=options.scoring_batch_size, progress=False)
     return {"model_dir": str(final_dir), "val": _threshold_free(scored, "val_"), "history": fit.history,
             "fit_seconds": fit.seconds, "worker_metrics": fit.metrics, "backbone": run.backbone,
             "layers": list(model.layers), "settings": dict(model.settings), "n_validation": int(run.val_idx.size)}
@@ -128,7 +128,7 @@ def test_on_heldout(options: TrainOptions, model_dir: str | Path) -> dict[str, A
     does); the returned metrics carry the same names as run_training's and use only the held-out images."""
     run = prepare(options, validate=False, quiet=True)
     model = read_model(model_dir, device=_eval_device(options))
-    scored = score_split(model, run.test_rows, batch_size=options.batch_size, progress=options.progress)
+    scored = score_split(model, run.test_rows, batch_size=options.scoring_batch_size, progress=options.progress)
     report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
                                val_idx=run.val_idx, heldout_idx=run.heldout_idx)
     metrics = {**report["metrics"], "n_test_heldout": report["n_test_heldout"], "n_validation": report["n_validation"]}

@@ -24,7 +24,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -85,7 +85,7 @@ def _fresh_progress() -> dict[str, Any]:
 def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
     """Run every stage of `model.recipe()`; rank 0 reports the final model directory. Returns the final
     metrics (every rank)."""
-    recipe = model.recipe()
+    recipe, splits_epochs = _recipe(model, config)
     main = main_stage(recipe)
     progress, saved = _restore(io, model)
     clock = {"start": time.monotonic(), "compute": 0.0}
@@ -98,7 +98,9 @@ def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
             saved = None
         begin = time.perf_counter()
         if isinstance(stage, Optimize):
-            stopped = _optimize(model, stage, index, io, config, progress, saved, is_main=stage is main,
+            # A model that split --max-epochs among its stages has already applied it.
+            stage_config = replace(config, max_epochs=None) if splits_epochs else config
+            stopped = _optimize(model, stage, index, io, stage_config, progress, saved, is_main=stage is main,
                                 clock=clock)
             clock["compute"] += time.perf_counter() - begin
             if stopped == "time":
@@ -113,6 +115,18 @@ def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
 
 
 # --- stages ---------------------------------------------------------------------------------------
+
+
+def _recipe(model, config: RunnerConfig):
+    """The model's stages. A model whose recipe() takes `max_epochs` divides that budget among its own
+    stages (DSR splits it between two phases, as anomalib splits its trainer's max_epochs); then the
+    runner does not also apply it to the main stage. Returns (recipe, whether the model split it)."""
+    import inspect
+
+    if "max_epochs" in inspect.signature(model.recipe).parameters:
+        return model.recipe(max_epochs=config.max_epochs), config.max_epochs is not None
+    return model.recipe(), False
+
 
 
 def _collect(model, stage: Collect, io: WorkerIO, config: RunnerConfig) -> None:
@@ -188,6 +202,7 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                 batch = stage.augment(batch, generator)
             ctx = RunnerStepContext(batch=batch, modules=modules, optimizers=specs, extra=extra, epoch=epoch,
                                     step=progress["steps"], generator=generator, use_amp=use_amp,
+                                    total_steps=steps_budget, total_epochs=epochs,
                                     weight=loss_weight(stage.loss_reduction, local, total, io.world_size))
             with torch.autocast(device_type=io.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 stage.step(ctx)

@@ -32,12 +32,15 @@ class RunnerStepContext:
 
     def __init__(self, *, batch: dict[str, Any], modules: dict[str, torch.nn.Module],
                  optimizers: dict[str, OptimizerSpec], extra: dict[str, Iterator[torch.Tensor]], epoch: int,
-                 step: int, generator: torch.Generator, weight: float, use_amp: bool):
+                 step: int, generator: torch.Generator, weight: float, use_amp: bool,
+                 total_steps: int | None = None, total_epochs: int | None = None):
         self.batch = batch
         self.modules = modules
         self.extra = extra
         self.epoch = epoch
         self.step = step
+        self.total_steps = total_steps  # the stage's resolved step budget (None: epochs only)
+        self.total_epochs = total_epochs  # the stage's resolved epoch budget (None: steps only)
         self.generator = generator
         self.weight = weight
         self._optimizers = optimizers

@@ -71,6 +71,7 @@ class Ganomaly(AnomalyModel):
                 "wadv": 1, "wcon": 50, "wenc": 1, "lr": 0.0002, "beta1": 0.5, "beta2": 0.999}
     # Sweep defaults (raylib_ad/tuning/space.py format): lr around anomalib's 2e-4 (Adam, DCGAN betas),
     # the code size and the network width, and the epochs (anomalib stops early, often well before 100).
+    test_preset = {"n_features": 8, "latent_vec_size": 16}  # tests/test_zoo.py: a tiny offline instance
     search_space = {
         "lr": {"loguniform": [5e-5, 1e-3]},
         "latent_vec_size": {"choice": [50, 100, 200]},

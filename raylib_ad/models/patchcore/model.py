@@ -46,6 +46,7 @@ class PatchCore(AnomalyModel):
     # Sweep defaults (raylib_ad/tuning/space.py format). Layers in ResNet names, translated by stride.
     # jobs/benchmark.py's configuration (tf_efficientnet_lite0 layers): the reference rows of docs/benchmarks.md
     benchmark_preset = {"settings": {"coreset_sampling_ratio": 0.001, "num_neighbors": 9}, "layers": ["blocks.2", "blocks.4"]}
+    test_preset = {"coreset_sampling_ratio": 0.1}  # tests/test_zoo.py: a tiny offline instance
     search_space = {
         "coreset_sampling_ratio": {"loguniform": [0.01, 0.1]},
         "num_neighbors": {"choice": [1, 3, 5, 9]},

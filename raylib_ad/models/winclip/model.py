@@ -45,6 +45,12 @@ class WinClip(AnomalyModel):
     input_mean, input_std = CLIP_MEAN, CLIP_STD
     # anomalib's WinClip arguments; clip_model / clip_pretrained are its module constants BACKBONE and
     # PRETRAINED, made settings so tests (and users) can pick another open_clip ViT.
+    # tests/test_zoo.py: a tiny offline instance (a 2-layer ViT, random weights)
+    test_preset = {"clip_model": {"embed_dim": 16,
+                                  "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 8,
+                                                 "head_width": 16},
+                                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                                               "layers": 1}}}
     pretrained_prefixes = ("clip.",)  # the CLIP is never trained: left out of the workers' digests
     defaults = {"class_name": None, "k_shot": 0, "scales": [2, 3], "clip_model": CLIP_MODEL,
                 "clip_pretrained": CLIP_PRETRAINED}

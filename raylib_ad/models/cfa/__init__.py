@@ -1,0 +1,3 @@
+from .model import Cfa
+
+__all__ = ["Cfa"]

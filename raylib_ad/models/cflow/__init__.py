@@ -1,0 +1,3 @@
+from .model import Cflow
+
+__all__ = ["Cflow"]

@@ -1,0 +1,3 @@
+from .model import Csflow
+
+__all__ = ["Csflow"]

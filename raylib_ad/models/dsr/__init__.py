@@ -1,0 +1,3 @@
+from .model import Dsr
+
+__all__ = ["Dsr"]

@@ -1,0 +1,3 @@
+from .model import EfficientAd
+
+__all__ = ["EfficientAd"]

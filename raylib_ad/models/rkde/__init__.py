@@ -1,0 +1,3 @@
+from .model import DetectionOutput, Rkde
+
+__all__ = ["DetectionOutput", "Rkde"]

@@ -1,0 +1,4 @@
+from . import nfa
+from .model import Uflow
+
+__all__ = ["Uflow", "nfa"]
