@@ -10,7 +10,11 @@ import yaml
 
 from raylib_ad.errors import ConfigError
 
-DEFAULT_CATEGORY = {"synthetic": "widget", "magnetic_tile": "magnetic_tile", "folder": "folder"}
+from raylib_ad.data.categories import SINGLE_CATEGORY
+from raylib_ad.data.layouts import DATA_KINDS
+
+# --category may be left out for these: the synthetic default, and datasets of a single category.
+DEFAULT_CATEGORY = {**SINGLE_CATEGORY, "synthetic": "widget", "folder": "folder"}
 # Settings that are not model hyperparameters but model-construction switches.
 CONSTRUCTION_KEYS = ("pretrained", "weights")
 
@@ -42,6 +46,7 @@ class TrainOptions:
     val_fraction: float = 0.3
     out: str = "runs/latest"
     overwrite: bool = False
+    local_ray: bool = False
     experiment: str = "raylib_ad"
     mlflow: bool = True
     progress: bool = True
@@ -84,7 +89,7 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name, e.g. patchcore, padim, dfm, dfkde")
-    parser.add_argument("--data", default="synthetic", choices=["mvtec", "folder", "magnetic_tile", "synthetic"])
+    parser.add_argument("--data", default="synthetic", choices=list(DATA_KINDS))
     parser.add_argument("--root", default="datasets", help="dataset root folder")
     parser.add_argument("--category", help="category (MVTec name, or any name for synthetic)")
     parser.add_argument("--split-file", help="CSV split file (split,label,defect,image,mask), VisA-style")
@@ -118,6 +123,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--local-ray", action="store_true",
+                        help="start a private local Ray even when a cluster runs on this machine (default: join it)")
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -172,3 +173,64 @@ def test_distributed_greedy_in_one_process_is_the_plain_greedy():
     points = torch.randn(500, 12, generator=torch.Generator().manual_seed(4))
     rows = distributed_k_center_greedy(points, 30, projection_dim=0, seed=2)
     assert torch.equal(rows, points[k_center_greedy(points, 30, projection_dim=0, seed=2)])
+
+
+def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, dim, generator=gen) * 5
+    labels = torch.randint(12, (n,), generator=gen)
+    return centres[labels] + torch.randn(n, dim, generator=gen) * (torch.rand(12, generator=gen)[labels, None] + 0.2)
+
+
+@pytest.fixture
+def one_thread():
+    # Many small matrix products: on a shared 2-core machine a second OpenMP thread mostly spin-waits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lazy_greedy_picks_what_the_plain_pass_picks(monkeypatch, one_thread, seed):
+    """The lazy CPU default against the previous one-pass-per-pick implementation (method="plain"), with
+    small odd-sized blocks so that bounds, stale blocks and the short last block are all exercised."""
+    import raylib_ad.models.components.coreset as coreset
+
+    monkeypatch.setattr(coreset, "LAZY_BLOCK_ROWS", 37)
+    points = _clustered(2000, 16, seed)
+    plain = k_center_greedy(points, 200, projection_dim=0, seed=seed, method="plain")
+    lazy = k_center_greedy(points, 200, projection_dim=0, seed=seed, method="lazy")
+    assert lazy.tolist() == plain.tolist()
+    assert k_center_greedy(points, 200, projection_dim=0, seed=seed).tolist() == lazy.tolist()  # CPU default
+
+
+def test_lazy_greedy_breaks_exact_ties_like_argmax(monkeypatch, one_thread):
+    """Small integer coordinates make every float32 distance exact, with many ties across blocks: the
+    lazy and plain paths and the float64 textbook algorithm must agree pick for pick (lowest index wins)."""
+    import raylib_ad.models.components.coreset as coreset
+
+    monkeypatch.setattr(coreset, "LAZY_BLOCK_ROWS", 29)
+    points = torch.randint(-3, 4, (1500, 6), generator=torch.Generator().manual_seed(5)).float()
+    lazy = k_center_greedy(points, 120, projection_dim=0, seed=4, method="lazy").tolist()
+    assert lazy == k_center_greedy(points, 120, projection_dim=0, seed=4, method="plain").tolist()
+    assert lazy == naive_k_center(points, 120, lazy[0])
+
+
+def test_every_lazy_pick_is_farthest_within_float32_rounding(one_thread):
+    """The documented tolerance: where float32 rounding could reorder two candidates, each pick's exact
+    (float64) distance to the earlier picks is still the maximum to within 1e-5 relative."""
+    points = _clustered(8000, 32, 3)
+    picked = k_center_greedy(points, 300, projection_dim=0, seed=0).tolist()
+    exact = points.double()
+    nearest = torch.full((len(points),), math.inf, dtype=torch.float64)
+    for step, index in enumerate(picked):
+        if step:
+            assert nearest[index] >= (1 - 1e-5) * nearest.max()
+        nearest = torch.minimum(nearest, (exact - exact[index]).pow(2).sum(1))
+        nearest[index] = -math.inf
+
+
+def test_unknown_greedy_method_is_refused():
+    with pytest.raises(ValueError, match="lazy"):
+        k_center_greedy(torch.randn(20, 3), 5, method="fast")

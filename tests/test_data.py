@@ -125,8 +125,8 @@ def test_build_manifest_synthetic(tmp_path):
 
 
 def test_build_manifest_unknown_kind_names_value_and_choices(tmp_path):
-    with pytest.raises(ConfigError, match=r"'visa'.*mvtec, folder, magnetic_tile, synthetic"):
-        build_manifest("visa", tmp_path, "x")
+    with pytest.raises(ConfigError, match=r"'mvtec3d'.*mvtec, folder, magnetic_tile, synthetic"):
+        build_manifest("mvtec3d", tmp_path, "x")
 
 
 # --- MVTec layout ------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def test_split_file_bad_values_name_line_numbers(tmp_path):
     with pytest.raises(DataError) as info:
         split_file_manifest(tmp_path, split, "unit")
     message = str(info.value)
-    assert "3 problem(s)" in message
+    # Every problem at once: the three bad rows, and the one good row's image file, which is missing.
+    assert "4 problem(s)" in message and "image file does not exist" in message
     assert f"{split}, line 3: split 'validation'" in message
     assert f"{split}, line 4: label 'broken'" in message
     assert f"{split}, line 5: an anomalous image in the train split" in message

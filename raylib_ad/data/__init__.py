@@ -1,5 +1,6 @@
 """Datasets as manifests (one pyarrow row per image) and the decoding of their images."""
 
+from .categories import DATASET_CATEGORIES, SINGLE_CATEGORY, dataset_categories
 from .layouts import (
     DATA_KINDS,
     IMAGE_EXTENSIONS,
@@ -12,6 +13,7 @@ from .layouts import (
 )
 from .manifest import MANIFEST_SCHEMA, make_manifest, split_counts, validate_manifest
 from .mvtec import MVTEC_CATEGORIES, ensure_mvtec
+from .public_layouts import kolektor_manifest, mvtec_ad2_manifest, mvtec_loco_manifest, visa_manifest
 from .synthetic import ensure_synthetic
 from .transforms import (
     IMAGENET_MEAN,
@@ -24,26 +26,33 @@ from .transforms import (
 )
 
 __all__ = [
+    "DATASET_CATEGORIES",
     "DATA_KINDS",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MANIFEST_SCHEMA",
     "MVTEC_CATEGORIES",
+    "SINGLE_CATEGORY",
     "BatchDecoder",
     "build_manifest",
+    "dataset_categories",
     "decode_all",
     "ensure_mvtec",
     "ensure_synthetic",
     "folder_manifest",
+    "kolektor_manifest",
     "load_image",
     "load_mask",
     "magnetic_tile_manifest",
     "make_manifest",
+    "mvtec_ad2_manifest",
+    "mvtec_loco_manifest",
     "mvtec_manifest",
     "normalize",
     "seeded_split",
     "split_counts",
     "split_file_manifest",
     "validate_manifest",
+    "visa_manifest",
 ]

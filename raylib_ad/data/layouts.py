@@ -1,8 +1,10 @@
 """Dataset layouts on disk -> manifest tables.
 
 Each layout function collects every structural problem (missing folder, missing mask,
-bad split-file line) before raising a single DataError, so one run shows them all.
-File contents are checked separately by manifest.validate_manifest.
+bad split-file line) before raising a single DataError, so one run shows them all. When
+there are structural problems, the message also lists the file problems of the rows found
+(corrupt image, mask of the wrong size); otherwise file contents are checked by
+manifest.validate_manifest.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, DataError
-from .manifest import ANOMALOUS, GOOD, NORMAL, SPLITS, format_problems, make_manifest
+from .categories import KOLEKTOR_CATEGORY, MAGNETIC_TILE_CATEGORY
+from .manifest import ANOMALOUS, GOOD, NORMAL, SPLITS, file_problems, format_problems, make_manifest
 from .mvtec import MVTEC_CATEGORIES, ensure_mvtec
 from .synthetic import ensure_synthetic
 
-DATA_KINDS = ("mvtec", "folder", "magnetic_tile", "synthetic")
+# The layouts of public_layouts.py (imported there lazily: it builds on the helpers below).
+PUBLIC_DATA_KINDS = ("visa", "mvtec_ad2", "mvtec_loco", "kolektor")
+DATA_KINDS = ("mvtec", "folder", "magnetic_tile", "synthetic", *PUBLIC_DATA_KINDS)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_FILE_COLUMNS = ("split", "label", "defect", "image", "mask")
 SPLIT_FILE_LABELS = {"normal": NORMAL, "anomalous": ANOMALOUS}
 MAGNETIC_TILE_DEFECTS = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
-MAGNETIC_TILE_CATEGORY = "magnetic_tile"
 DEFAULT_SYNTHETIC_CATEGORY = "synthetic"
 
 
@@ -42,12 +46,15 @@ def build_manifest(
 ) -> pa.Table:
     """Manifest for dataset kind ``data`` (one of DATA_KINDS) found under ``root``.
 
-    A split file, when given, defines the rows for every kind (paths relative to root).
+    A split file, when given, defines the rows for every kind (paths relative to root); for VisA it may
+    also be in VisA's own format (object,split,label,image,mask).
     """
     if data not in DATA_KINDS:
         raise ConfigError(f"unknown dataset kind data={data!r}; choices: {', '.join(DATA_KINDS)}")
     if data == "magnetic_tile":
         return magnetic_tile_manifest(root, split_file=split_file, seed=seed, test_fraction=test_fraction)
+    if data in PUBLIC_DATA_KINDS:
+        return _public_manifest(data, root, category, split_file, seed, test_fraction)
     if data == "folder":
         if normal_dir is None:
             raise ConfigError("data='folder' needs normal_dir (the folder of normal images)")
@@ -64,6 +71,28 @@ def build_manifest(
     if split_file is not None:
         return split_file_manifest(root, split_file, category)
     return mvtec_manifest(root, category)
+
+
+def _public_manifest(data: str, root, category: str | None, split_file, seed: int, test_fraction: float) -> pa.Table:
+    from . import public_layouts
+
+    if data == "kolektor":
+        category = category or KOLEKTOR_CATEGORY
+    elif category is None:
+        from .categories import dataset_categories
+
+        raise ConfigError(f"data={data!r} needs a category, e.g. one of: {', '.join(dataset_categories(data))}")
+    if split_file is not None:
+        if data == "visa" and public_layouts.is_visa_split_csv(split_file):
+            return public_layouts.visa_manifest(root, category, split_csv=split_file)
+        return split_file_manifest(root, split_file, category)
+    if data == "visa":
+        return public_layouts.visa_manifest(root, category)
+    if data == "mvtec_ad2":
+        return public_layouts.mvtec_ad2_manifest(root, category)
+    if data == "mvtec_loco":
+        return public_layouts.mvtec_loco_manifest(root, category)
+    return public_layouts.kolektor_manifest(root, seed=seed, test_fraction=test_fraction)
 
 
 def mvtec_manifest(root: str | os.PathLike, category: str) -> pa.Table:
@@ -106,7 +135,7 @@ def mvtec_manifest(root: str | os.PathLike, category: str) -> pa.Table:
                     f"missing mask for {path}: expected {base / 'ground_truth' / defect / (path.stem + '_mask.png')}"
                 )
             rows.append(_row(path, mask, ANOMALOUS, defect, category, "test"))
-    _raise_if(problems)
+    _raise_if(problems, rows)
     return make_manifest(rows)
 
 
@@ -144,7 +173,7 @@ def folder_manifest(
                         f"or {root / mask_dir / (path.stem + '_mask.png')}"
                     )
             rows.append(_row(path, mask, ANOMALOUS, abnormal_root.name, category, "test"))
-    _raise_if(problems)
+    _raise_if(problems, rows)
     return make_manifest(rows)
 
 
@@ -171,7 +200,7 @@ def magnetic_tile_manifest(
             if not mask.is_file():
                 problems.append(f"missing mask for {path}: expected {mask}")
             rows.append(_row(path, mask, ANOMALOUS, defect.lower(), MAGNETIC_TILE_CATEGORY, "test"))
-    _raise_if(problems)
+    _raise_if(problems, rows)
     return make_manifest(rows)
 
 
@@ -200,7 +229,7 @@ def split_file_manifest(root: str | os.PathLike, split_file: str | os.PathLike, 
         raise DataError(f"cannot read split file {split_file}: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"split file {split_file} is not UTF-8 text: {exc}") from exc
-    _raise_if(problems, f"split file {split_file}")
+    _raise_if(problems, rows, f"split file {split_file}")
     return make_manifest(rows)
 
 
@@ -307,7 +336,8 @@ def _row(path: Path, mask: Path | None, label: int, defect: str, category: str, 
     }
 
 
-def _raise_if(problems: list[str], source: str | None = None) -> None:
+def _raise_if(problems: list[str], rows: list[dict], source: str | None = None) -> None:
     if problems:
-        message = format_problems(problems)
+        # Already failing: decode the rows found too, so the one message is complete.
+        message = format_problems(problems + file_problems(rows))
         raise DataError(f"{source}: {message}" if source else message)

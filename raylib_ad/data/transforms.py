@@ -29,7 +29,7 @@ def load_mask(path: str | None, image_size: int) -> np.ndarray:
     """Binary uint8 mask (S, S) in {0, 1}; None (no mask) gives all zeros.
 
     Masks with soft edges are resized bilinearly and thresholded at half of 255; masks
-    stored as 0/1 rather than 0/255 are scaled up first so they are not lost.
+    whose largest value is below 128 (0/1, or small label ids) count every nonzero pixel first.
     """
     if path is None:
         return np.zeros((image_size, image_size), dtype=np.uint8)
@@ -38,8 +38,9 @@ def load_mask(path: str | None, image_size: int) -> np.ndarray:
             grey = np.asarray(im.convert("L"))
     except Exception as exc:
         raise DataError(f"cannot read mask {path}: {type(exc).__name__}: {exc}") from exc
-    if grey.max() == 1:
-        grey = grey * np.uint8(255)
+    if 0 < grey.max() < 128:
+        # Label masks (0/1, or small class ids as in VisA's raw masks): any nonzero pixel is foreground.
+        grey = (grey > 0).astype(np.uint8) * np.uint8(255)
     resized = np.asarray(_resize(Image.fromarray(grey), image_size))
     return (resized >= 128).astype(np.uint8)
 

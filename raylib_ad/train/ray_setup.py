@@ -34,12 +34,14 @@ def ensure_ray(num_cpus: int | None = None, *, local: bool = False) -> RaySessio
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = None if local else running_cluster_address()
     if address is not None:
+        from_env = bool(os.environ.get("RAY_ADDRESS", "").strip())
         # No explicit address: ray.init finds the same cluster (RAY_ADDRESS, else the `ray start` address
         # file), and only a cluster found that way gets Ray's automatic token authentication (~/.ray/auth_token).
-        ray.init(address=None if os.environ.get("RAY_ADDRESS", "").strip() else "auto", log_to_driver=True)
+        ray.init(address=None if from_env else "auto", log_to_driver=True)
         session = RaySession(True, address, _resources())
-        print(f"[raylib_ad] joined the running Ray cluster at {address} ({describe_resources(session.resources)}); "
-              "--local-ray starts a private one instead", file=sys.stderr)
+        hint = "" if from_env else "; --local-ray starts a private one instead"
+        print(f"[raylib_ad] joined the running Ray cluster at {address} ({describe_resources(session.resources)})"
+              f"{hint}", file=sys.stderr)
         return session
     env_address = os.environ.pop("RAY_ADDRESS", None) if local else None
     try:

@@ -88,7 +88,7 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
     from raylib_ad.train.resources import cpus_per_worker
 
     o = run.options
-    ensure_ray()
+    ensure_ray(local=o.local_ray)
     fit = fit_on_ray(run.cls.name, run.model_kwargs, run.train_rows, run.val_rows, runner_config(run),
                      workers=o.workers, gpus_per_worker=o.gpus_per_worker,
                      cpus_per_worker=cpus_per_worker(cluster_cpus(), o.workers, o.cpus_per_worker),

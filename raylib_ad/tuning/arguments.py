@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from raylib_ad.data.layouts import DATA_KINDS
 from raylib_ad.options import TrainOptions, parse_settings
 
 
@@ -29,9 +30,9 @@ class SweepOptions:
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     """The sweep's own flags, plus the data/training flags of `raylib-ad train` that apply to every trial."""
     parser.add_argument("--model", required=True, help="model name(s), comma-separated: patchcore,padim")
-    parser.add_argument("--data", default="synthetic", choices=["mvtec", "folder", "magnetic_tile", "synthetic"])
+    parser.add_argument("--data", default="synthetic", choices=list(DATA_KINDS))
     parser.add_argument("--root", default="datasets", help="dataset root folder")
-    parser.add_argument("--categories", help="'all' (the 15 MVTec AD categories) or c1,c2,...")
+    parser.add_argument("--categories", help="'all' (every category of --data: MVTec AD's 15, VisA's 12, ...) or c1,c2,...")
     parser.add_argument("--num-samples", type=int, default=4, help="trials per category and model "
                         "(the first is the model's default configuration)")
     parser.add_argument("--search-space", help="YAML file: model -> {key: distribution} (see tuning/space.py)")
@@ -51,6 +52,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--local-ray", action="store_true",
+                        help="start a private local Ray even when a cluster runs on this machine (default: join it)")
 
 
 def options_from_args(args: argparse.Namespace):

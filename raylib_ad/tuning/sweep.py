@@ -49,17 +49,16 @@ _VOLATILE = ("out", "experiment", "mlflow", "progress", "cpus_per_worker")
 
 
 def resolve_categories(categories: list[str] | None, data: str) -> list[str]:
-    """'all' = the 15 MVTec AD categories (synthetic generates any name, so it takes them too)."""
-    from raylib_ad.data.mvtec import MVTEC_CATEGORIES
+    """'all' = every category of the dataset kind (MVTec AD's 15, VisA's 12, ...; synthetic generates any
+    name and borrows MVTec AD's)."""
+    from raylib_ad.data import dataset_categories
 
     if not categories:
         if data in DEFAULT_CATEGORY:
             return [DEFAULT_CATEGORY[data]]
         raise ConfigError(f"--categories is required for --data {data} (a list, or 'all')")
     if categories == ["all"]:
-        if data not in ("mvtec", "synthetic"):
-            raise ConfigError(f"--categories all means the 15 MVTec AD categories; --data {data} has its own")
-        return list(MVTEC_CATEGORIES)
+        return list(dataset_categories(data))
     return list(dict.fromkeys(categories))
 
 
@@ -136,7 +135,7 @@ def _tune(opts: SweepOptions, trials: list[Trial], out: Path) -> dict[str, dict[
     from raylib_ad.tuning.scheduler import LastResultCallback
     from raylib_ad.tuning.trial import run_trial
 
-    ensure_ray()
+    ensure_ray(local=opts.base.local_ray)
     import ray
 
     total_cpus = cluster_cpus()
