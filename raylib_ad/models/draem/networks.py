@@ -15,19 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+from ..components.conv_blocks import double_conv as _double_conv
+from ..components.conv_blocks import up_conv as _up_conv
 
 
 def double_conv(cin: int, cout: int, mid: int | None = None) -> nn.Sequential:
-    mid = cout if mid is None else mid
-    return nn.Sequential(*_conv_bn_relu(cin, mid), *_conv_bn_relu(mid, cout))
+    return _double_conv(cin, cout, nn.BatchNorm2d, mid)
 
 
 def up_conv(cin: int, cout: int) -> nn.Sequential:
-    """2x bilinear upsampling (align_corners=True, as anomalib), then conv + BN + ReLU."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), *_conv_bn_relu(cin, cout))
+    return _up_conv(cin, cout, nn.BatchNorm2d)
 
 
 class SSPCAB(nn.Module):

@@ -14,20 +14,17 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..components.conv_blocks import double_conv as _double_conv
+from ..components.conv_blocks import up_conv as _up_conv
 from .latent import ResidualStack
 
 
-def _conv_in_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True)]
-
-
 def double_conv(cin: int, cout: int, mid: int | None = None) -> nn.Sequential:
-    mid = cout if mid is None else mid
-    return nn.Sequential(*_conv_in_relu(cin, mid), *_conv_in_relu(mid, cout))
+    return _double_conv(cin, cout, nn.InstanceNorm2d, mid)
 
 
 def up_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), *_conv_in_relu(cin, cout))
+    return _up_conv(cin, cout, nn.InstanceNorm2d)
 
 
 class SubspaceRestrictionNetwork(nn.Module):
