@@ -89,6 +89,7 @@ def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
     main = main_stage(recipe)
     progress, saved = _restore(io, model)
     clock = {"start": time.monotonic(), "compute": 0.0}
+    out_of_time = False
     for index, stage in enumerate(recipe):
         if index < progress["stage"] or (index == progress["stage"] and progress["stage_done"]):
             continue
@@ -97,20 +98,21 @@ def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
                             stale=0)
             saved = None
         begin = time.perf_counter()
+        if isinstance(stage, Optimize) and out_of_time:
+            continue  # --max-minutes covers the whole run: later optimize stages are skipped...
         if isinstance(stage, Optimize):
             # A model that split --max-epochs among its stages has already applied it.
             stage_config = replace(config, max_epochs=None) if splits_epochs else config
             stopped = _optimize(model, stage, index, io, stage_config, progress, saved, is_main=stage is main,
                                 clock=clock)
             clock["compute"] += time.perf_counter() - begin
-            if stopped == "time":
-                break  # --max-minutes covers the whole run: later optimize stages are skipped too
-        else:
+            out_of_time = stopped == "time"
+        else:  # ...but collect and calibrate stages still run: the model needs their statistics
             _collect(model, stage, io, config)
             clock["compute"] += time.perf_counter() - begin
             progress["stage_done"] = True
             if index < len(recipe) - 1:  # a later stage may fail: keep what this one computed
-                _checkpoint(model, io, progress, {"stage": stage.name, "stage_done": stage.kind}, {}, None)
+                _checkpoint(model, io, progress, {"stage": stage.name, "completed": stage.kind}, {}, None)
     return _final_report(model, recipe, io, progress, clock)
 
 

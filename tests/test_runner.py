@@ -1,0 +1,116 @@
+"""The stage runner in one process, on a toy model whose recipe uses every kind of stage: the stages run
+in order, schedulers step per step or per epoch, every image is used once per epoch, augmentation is
+seeded, and a time budget skips later optimize stages but never a calibrate stage."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raylib_ad.models import AnomalyModel, AnomalyOutput
+from raylib_ad.models.recipe import Calibrate, Collect, Optimize, OptimizerSpec
+from raylib_ad.train.runner import fit_in_process
+
+SIZE = 32
+
+
+class Toy(AnomalyModel):
+    """Not registered: a linear scorer with a collected mean and a calibrated scale."""
+
+    name = "toy"
+    default_backbone = None
+    default_epochs = 3
+    produces_maps = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.head = nn.Linear(3, 1)
+        self.critic = nn.Linear(3, 1)
+        self.register_buffer("center", torch.zeros(3))
+        self.register_buffer("scale", torch.ones(()))
+        self.events: list[str] = []
+        self.seen: list[int] = []
+        self.augment_draws: list[float] = []
+
+    def pooled(self, images):
+        return images.mean(dim=(2, 3))
+
+    def collect(self, batches, progress):
+        rows = torch.cat([self.pooled(b) for b in batches])
+        self.center = rows.mean(0)
+        self.events.append("collect")
+
+    def calibrate(self, batches, progress):
+        self.scale = torch.cat([self.score_of(b) for b in batches]).abs().max().clamp_min(1e-6)
+        self.events.append("calibrate")
+
+    def score_of(self, images):
+        return self.head(self.pooled(images) - self.center)[:, 0]
+
+    def augment(self, batch, generator):
+        noise = torch.rand(1, generator=generator, device=batch["image"].device)
+        self.augment_draws.append(float(noise))
+        return {**batch, "image": batch["image"] + 0.01 * noise}
+
+    def step(self, ctx):
+        self.seen.append(len(ctx.batch["image"]))
+        ctx.optimize("head", self.score_of(ctx.batch["image"]).pow(2).mean())
+        ctx.optimize("critic", self.critic(self.pooled(ctx.batch["image"])).pow(2).mean())
+
+    def recipe(self):
+        head = torch.optim.SGD(self.head.parameters(), lr=0.1)
+        critic = torch.optim.SGD(self.critic.parameters(), lr=0.1)
+        return [Collect("center", self.collect),
+                Optimize("train", modules={"head": self.head, "critic": self.critic}, step=self.step,
+                         epochs=self.default_epochs, augment=self.augment, validate=False,
+                         optimizers=[OptimizerSpec("head", head, torch.optim.lr_scheduler.StepLR(head, 1, 0.5),
+                                                   interval="step"),
+                                     OptimizerSpec("critic", critic,
+                                                   torch.optim.lr_scheduler.StepLR(critic, 1, 0.5))]),
+                Calibrate("scale", self.calibrate)]
+
+    def forward(self, images):
+        return AnomalyOutput(score=self.score_of(images) / self.scale, anomaly_map=None)
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_stage_runs_in_order_with_its_schedules_and_every_image_once():
+    model = Toy(image_size=SIZE)
+    fit = fit_in_process(model, images(7), batch_size=3)
+    assert model.events == ["collect", "calibrate"]
+    assert fit.metrics["stages"] == ["collect:center", "optimize:train", "calibrate:scale"]
+    assert model.seen == [3, 3, 1] * 3  # 7 images per epoch, last batch short, nothing dropped
+    assert [h["train_images"] for h in fit.history] == [7, 7, 7]
+    assert {"train_loss_head", "train_loss_critic"} <= set(fit.history[0])  # one loss per optimizer
+    # center collected from the training images, scale calibrated after training
+    torch.testing.assert_close(model.center, images(7).mean(dim=(2, 3)).mean(0))
+    assert model.scale > 0
+
+
+def test_per_step_and_per_epoch_schedulers():
+    model = Toy(image_size=SIZE)
+    stages = model.recipe()
+    model.recipe = lambda: stages  # keep the optimizers to read their learning rates after the fit
+    fit_in_process(model, images(7), batch_size=3)
+    head, critic = stages[1].optimizers
+    assert head.optimizer.param_groups[0]["lr"] == 0.1 * 0.5**9  # 3 steps x 3 epochs
+    assert critic.optimizer.param_groups[0]["lr"] == 0.1 * 0.5**3  # 3 epochs
+
+
+def test_augmentation_is_seeded():
+    draws = []
+    for _ in range(2):
+        model = Toy(image_size=SIZE, seed=3)
+        fit_in_process(model, images(7), batch_size=3)
+        draws.append(model.augment_draws)
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def test_a_time_budget_skips_optimize_stages_but_still_calibrates():
+    model = Toy(image_size=SIZE)
+    fit = fit_in_process(model, images(7), batch_size=3, max_minutes=1e-9)
+    assert len(fit.history) == 1  # stopped after the first epoch
+    assert model.events == ["collect", "calibrate"]
