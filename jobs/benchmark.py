@@ -83,7 +83,7 @@ def run_without_ray(args, name: str) -> dict:
 
     from raylib_ad.models import create_model, model_class
     from raylib_ad.postprocess import carve_validation, evaluation_report
-    from raylib_ad.train.runner import fit_in_process
+    from raylib_ad.train.in_process import fit_in_process
 
     settings, layers = preset(name)
     table = build_manifest(args.data, args.root, args.category, split_file=args.split_file)

@@ -184,7 +184,7 @@ def test_teacher_files_skip_the_distillation(tmp_path, monkeypatch):
 
 def test_fit_in_process_runs_every_stage_and_round_trips_through_the_model_directory(tmp_path):
     torch.set_num_threads(1)
-    from raylib_ad.train.runner import fit_in_process
+    from raylib_ad.train.in_process import fit_in_process
 
     for i in range(2):
         write_image(tmp_path / "penalty" / f"{i}.png", size=(70, 70), value=40 + 120 * i)

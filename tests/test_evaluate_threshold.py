@@ -36,7 +36,7 @@ def trained(synthetic_root, tmp_path_factory):
     from raylib_ad.postprocess.report import evaluation_report
     from raylib_ad.train.evaluate import deployment_stats
     from raylib_ad.train.prepare import prepare
-    from raylib_ad.train.runner import fit_in_process
+    from raylib_ad.train.in_process import fit_in_process
 
     torch.manual_seed(0)
     options = _options(synthetic_root)

@@ -19,7 +19,7 @@ from raylib_ad.models import create_model, list_models
 from raylib_ad.models.base import default_layers_for
 from raylib_ad.models.recipe import Optimize
 from raylib_ad.models.uflow import nfa
-from raylib_ad.train.runner import fit_in_process
+from raylib_ad.train.in_process import fit_in_process
 from raylib_ad.train.step_context import RunnerStepContext
 
 SIZE = 64

@@ -48,7 +48,7 @@ def build(size: int = 32, **settings):
 @pytest.fixture(scope="module")
 def fitted():
     """A short fit through the runner: 32 smooth images, batch 8, 10 epochs (4 steps each)."""
-    runner = pytest.importorskip("raylib_ad.train.runner")
+    runner = pytest.importorskip("raylib_ad.train.in_process")
     torch.manual_seed(0)
     model = build(seed=0)
     fit = runner.fit_in_process(model, smooth(32, 0), None, batch_size=8, max_epochs=10)
@@ -210,7 +210,7 @@ def test_model_directory_round_trip_gives_equal_scores(fitted, tmp_path):
 
 
 def test_training_is_deterministic_under_a_seed():
-    runner = pytest.importorskip("raylib_ad.train.runner")
+    runner = pytest.importorskip("raylib_ad.train.in_process")
 
     def fit(seed: int) -> torch.Tensor:
         model = build(seed=seed)

@@ -45,7 +45,7 @@ def test_padim_on_two_workers_equals_one_worker_for_an_odd_image_count(ray_clust
     torch.testing.assert_close(two.inv_covariance, one.inv_covariance, rtol=1e-3, atol=1e-3)
     # ...and the 39th image is in both: the same fit in one process without it differs.
     from raylib_ad.models import create_model
-    from raylib_ad.train.runner import fit_in_process
+    from raylib_ad.train.in_process import fit_in_process
 
     table = build_manifest("synthetic", synthetic_root, "widget")
     train = table.filter(pc.equal(table.column("split"), "train"))

@@ -163,7 +163,7 @@ def test_draem_missing_texture_folder_fails_when_training_starts(tmp_path):
 
 
 def test_draem_fits_in_process():
-    from raylib_ad.train.runner import fit_in_process
+    from raylib_ad.train.in_process import fit_in_process
 
     val = {"image": images(2, seed=5, size=DRAEM_SIZE), "label": torch.tensor([0, 1]),
            "mask": torch.zeros(2, DRAEM_SIZE, DRAEM_SIZE)}
@@ -290,7 +290,7 @@ def test_dsr_weights_errors_only_when_asked_for(tmp_path):
 
 
 def test_dsr_round_trip_and_fit_in_process():
-    from raylib_ad.train.runner import fit_in_process
+    from raylib_ad.train.in_process import fit_in_process
 
     model = dsr(vq_epochs=1)
     val = {"image": images(2, seed=5), "label": torch.tensor([0, 1]), "mask": torch.zeros(2, SIZE, SIZE)}

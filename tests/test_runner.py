@@ -9,7 +9,7 @@ from torch import nn
 
 from raylib_ad.models import AnomalyModel, AnomalyOutput
 from raylib_ad.models.recipe import Calibrate, Collect, Optimize, OptimizerSpec
-from raylib_ad.train.runner import fit_in_process
+from raylib_ad.train.in_process import fit_in_process
 
 SIZE = 32
 

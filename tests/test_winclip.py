@@ -253,7 +253,7 @@ def test_bad_settings_raise_config_error(settings):
 
 
 def test_end_to_end_fit_in_process():
-    runner = pytest.importorskip("raylib_ad.train.runner")
+    runner = pytest.importorskip("raylib_ad.train.in_process")
     zero = runner.fit_in_process(winclip(), images(4, 7), batch_size=2)
     assert zero.metrics["stages"] == [] and zero.model_dir is not None
     few = runner.fit_in_process(winclip(k_shot=2), images(6, 8), batch_size=4)

@@ -11,7 +11,7 @@ from raylib_ad.artifact import read_model, write_model_dir
 from raylib_ad.errors import ConfigError
 from raylib_ad.models import create_model, list_models, model_class
 from raylib_ad.models.recipe import Collect, Optimize, describe
-from raylib_ad.train.runner import fit_in_process
+from raylib_ad.train.in_process import fit_in_process
 
 SIZE = 64
 

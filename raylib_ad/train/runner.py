@@ -1,8 +1,8 @@
 """The one stage runner: executes any model's recipe (models/recipe.py) on one worker of N, or alone.
 
 Ray-free. Where the data comes from and where reports go is a `WorkerIO`: train/ray_train.py gives one
-backed by Ray Train (dataset shards, ray.train.report, checkpoints); `fit_in_process` gives one over
-tensors or a manifest in this process. The runner supplies, for every recipe:
+backed by Ray Train (dataset shards, ray.train.report, checkpoints); train/in_process.py's
+`fit_in_process` gives one over tensors or a manifest in this process. The runner supplies, for every recipe:
 - Collect / Calibrate: the worker's shard as image batches to the stage's function (which reduces
   across workers through raylib_ad.distributed);
 - Optimize: DDP around each trainable module of the stage, loss weighting so N workers step as one
@@ -16,12 +16,10 @@ tensors or a manifest in this process. The runner supplies, for every recipe:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import resource
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -371,79 +369,3 @@ def _maybe_fail_for_tests(hooks: dict[str, Any], epoch: int, io: WorkerIO) -> No
         # dies before that poll takes its last report with it, and the run restarts one epoch earlier.
         time.sleep(hooks.get("fail_after_s", 6.0))
         os._exit(1)  # a hard crash, as a killed worker would look
-
-
-# --- in one process ----------------------------------------------------------------------------------
-
-
-class InProcessIO:
-    """WorkerIO for one process: training images from a tensor or a manifest, reports kept in memory."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, train, val=None, *, device="cpu", config: RunnerConfig):
-        self.device = torch.device(device)
-        self._train, self._val, self._config = train, val, config
-        self.reports: list[dict[str, Any]] = []
-        self.final_dir: Path | None = None
-        self._keep = Path(tempfile.mkdtemp(prefix="raylib_ad_inprocess_"))
-
-    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        if isinstance(self._train, torch.Tensor):
-            for start in range(0, len(self._train), batch_size):
-                yield self._train[start : start + batch_size]
-            return
-        for batch in self._decoded(self._train, batch_size, with_masks=False):
-            yield torch.from_numpy(batch["image"])
-
-    def val_batches(self, batch_size: int):
-        if self._val is None:
-            return None
-        if isinstance(self._val, dict):
-            n = len(self._val["image"])
-            return ({k: v[s : s + batch_size].to(self.device) for k, v in self._val.items()}
-                    for s in range(0, n, batch_size))
-        return ({k: torch.from_numpy(v).to(self.device) for k, v in b.items() if k != "index"}
-                for b in self._decoded(self._val, batch_size, with_masks=True))
-
-    def _decoded(self, table, batch_size, with_masks):
-        from raylib_ad.data.transforms import decode_all
-
-        cfg = self._config
-        return decode_all(table, cfg.image_size, cfg.mean, cfg.std, batch_size, with_masks=with_masks)
-
-    def restore(self) -> Path | None:
-        return None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
-        if checkpoint_dir is not None:
-            if metrics.get("final"):
-                target = self._keep / "final"
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.move(checkpoint_dir, target)
-                self.final_dir = target
-            else:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-
-@dataclass
-class InProcessFit:
-    model: Any
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]]
-    model_dir: Path | None
-
-
-def fit_in_process(model, train, val=None, *, device: str = "cpu", **config: Any) -> InProcessFit:
-    """Train `model` by its recipe in this process (the code a Ray Train worker runs, at world size 1).
-    `train`: a (N, 3, H, W) tensor of normalized images, or a manifest table; `val`: a dict of tensors
-    ("image", "label", "mask") or a manifest table. Used by the tests and `jobs/benchmark.py --no-ray`."""
-    cfg = RunnerConfig(**{"image_size": model.image_size, "mean": model.normalization[0], "std": model.normalization[1],
-                          "seed": model.seed, **config})
-    model.to(device)
-    io = InProcessIO(train, val, device=device, config=cfg)
-    metrics = run_recipe(model, io, cfg)
-    history = [r for r in io.reports if "epoch" in r and not r.get("final")]
-    return InProcessFit(model=model, metrics=metrics, history=copy.deepcopy(history),
-                        model_dir=None if io.final_dir is None else io.final_dir / FINAL_MODEL)
