@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,6 @@ class ScoredSplit:
     masks: np.ndarray | None  # (N, S, S) uint8
     maps: np.ndarray | None  # (N, S, S) float32 raw
     seconds: float  # wall time of decoding + forward passes
-    images: dict[int, np.ndarray] = field(default_factory=dict)  # a few uint8 images kept for overlays
 
     @property
     def images_per_second(self) -> float:
@@ -47,19 +46,16 @@ def score_split(
     table: pa.Table,
     *,
     batch_size: int = 32,
-    keep_images: set[int] = frozenset(),
     progress: bool = True,
 ) -> ScoredSplit:
     model.eval()
     cfg = model.config()
-    mean, std = np.asarray(cfg["mean"]), np.asarray(cfg["std"])
     device = model.device
     n, size = table.num_rows, cfg["image_size"]
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     scores = np.empty(n, dtype=np.float32)
     maps = np.empty((n, size, size), dtype=np.float32) if model.produces_maps else None
     masks = np.empty((n, size, size), dtype=np.uint8)
-    kept: dict[int, np.ndarray] = {}
     start = time.perf_counter()
     batches = _prefetched(decode_all(table, size, cfg["mean"], cfg["std"], batch_size=batch_size))
     total = -(-n // batch_size)
@@ -70,23 +66,8 @@ def score_split(
         if maps is not None:
             maps[idx] = out.anomaly_map.float().cpu().numpy()
         masks[idx] = batch["mask"]
-        for j, i in enumerate(idx):
-            if int(i) in keep_images:
-                image = batch["image"][j].transpose(1, 2, 0) * std + mean
-                kept[int(i)] = (image.clip(0, 1) * 255).astype(np.uint8)
     seconds = time.perf_counter() - start
     # Masks only matter next to maps; a split without any defect pixels has no pixel metrics either.
     has_masks = maps is not None and masks.any()
     return ScoredSplit(labels=labels, scores=scores, masks=masks if has_masks else None, maps=maps,
-                       seconds=seconds, images=kept)
-
-
-def overlay_indices(labels: np.ndarray, heldout: np.ndarray, n_anomalous: int = 8, n_normal: int = 4) -> list[int]:
-    """A fixed, spread-out choice of held-out images to draw heatmap overlays for."""
-    chosen = []
-    for label, count in ((1, n_anomalous), (0, n_normal)):
-        pool = [int(i) for i in heldout if labels[i] == label]
-        if pool:
-            step = max(1, len(pool) // count)
-            chosen += pool[::step][:count]
-    return chosen
+                       seconds=seconds)

@@ -37,6 +37,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors gain nothing from a second thread, and OpenMP barriers on a busy 2-core machine cost
+    ~10x: a test using this runs on one thread (restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

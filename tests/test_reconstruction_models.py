@@ -24,14 +24,7 @@ DRAEM_TINY = {"reconstructive_base_width": 4, "discriminative_base_width": 4}
 DSR_TINY = {"embedding_dim": 8, "num_embeddings": 32, "num_hiddens": 8, "num_residual_hiddens": 4, "base_width": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and OpenMP barriers on a busy 2-core machine cost
-    ~10x: these tests run on one thread (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 class FakeContext:

@@ -14,14 +14,7 @@ from raylib_ad.models.components.synthetic_anomaly import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and OpenMP barriers on a busy 2-core machine cost
-    ~10x: these tests run on one thread (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

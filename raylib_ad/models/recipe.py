@@ -83,7 +83,6 @@ class StepContext(Protocol):
     epoch: int
     step: int  # optimizer steps taken in this stage so far (the step function's call count)
     total_steps: int | None  # the stage's step budget after --max-steps (None: an epoch budget only)
-    total_epochs: int | None  # the stage's epoch budget after --max-epochs (None: a step budget only)
     generator: torch.Generator  # seeded per worker and step: use it for any randomness in the step
 
     def optimize(self, optimizer: str, loss: torch.Tensor, *, retain_graph: bool = False) -> float:

@@ -25,7 +25,7 @@ from raylib_ad.postprocess.threshold import (
 )
 from raylib_ad.postprocess.validation_split import carve_validation
 
-__all__ = ["evaluation_report"]
+__all__ = ["evaluation_report", "threshold_free_metrics"]
 
 
 def evaluation_report(
@@ -85,7 +85,7 @@ def evaluation_report(
     metrics = {}
     pixel_truth = masks_arr if masks is not None else None
     for prefix, rows in (("", heldout_idx), ("whole_split_", np.arange(values.size))):
-        metrics.update(_threshold_free(is_anomalous[rows], values[rows],
+        metrics.update(threshold_free_metrics(is_anomalous[rows], values[rows],
                                        None if pixel_truth is None else pixel_truth[rows],
                                        None if pixel_truth is None else maps_arr[rows], fpr_limit, prefix))
     has_pixel_truth = masks is not None and bool(masks_arr.any())
@@ -128,7 +128,7 @@ def evaluation_report(
     }
 
 
-def _threshold_free(is_anomalous, values, masks, maps, fpr_limit: float, prefix: str) -> dict:
+def threshold_free_metrics(is_anomalous, values, masks=None, maps=None, fpr_limit: float = 0.3, prefix: str = "") -> dict:
     """Image AUROC and F1-max, and pixel AUROC / AUPRO where the masks hold anomalous pixels."""
     metrics = {}
     if is_anomalous.any() and (~is_anomalous).any():

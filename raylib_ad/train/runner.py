@@ -173,7 +173,7 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
         else:
             batches = ((images.to(io.device), None) for images in io.train_batches(worker_batch))
         epoch_start = time.perf_counter()
-        sums, counts, seen, waited, standin = {}, 0.0, 0, 0.0, None
+        sums, seen, waited, standin = {}, 0, 0.0, None
         while steps_budget is None or progress["steps"] < steps_budget:
             ask = time.perf_counter()
             item = next(batches, None)  # time spent here is time the step waited for data
@@ -202,14 +202,13 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                 batch = stage.augment(batch, generator)
             ctx = RunnerStepContext(batch=batch, modules=modules, optimizers=specs, extra=extra, epoch=epoch,
                                     step=progress["steps"], generator=generator, use_amp=use_amp,
-                                    total_steps=steps_budget, total_epochs=epochs,
+                                    total_steps=steps_budget,
                                     weight=loss_weight(stage.loss_reduction, local, total, io.world_size))
             with torch.autocast(device_type=io.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 stage.step(ctx)
             progress["steps"] += 1
             for key, value in ctx.logged.items():
                 sums[key] = sums.get(key, 0.0) + value * local
-            counts += local
             seen += local
         if cache is not None and not cache.ready:
             cache.seal()
@@ -217,7 +216,7 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
             if spec.scheduler is not None and spec.interval == "epoch":
                 spec.scheduler.step()
         train_seconds = time.perf_counter() - epoch_start
-        metrics = _epoch_metrics(stage, epoch, sums, counts, seen, waited, train_seconds, from_cache, io)
+        metrics = _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, io)
         if stage.validate:
             val = io.val_batches(worker_batch)
             if val is not None:
@@ -286,12 +285,12 @@ def _cpu_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _epoch_metrics(stage, epoch, sums, counts, seen, waited, train_seconds, from_cache, io) -> dict[str, Any]:
+def _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, io) -> dict[str, Any]:
+    """The epoch's report: per-step values averaged over every worker's images, throughput, data wait."""
     keys = sorted(sums)
-    totals = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [counts, float(seen)],
-                                                     dtype=torch.float64))
+    totals = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(seen)], dtype=torch.float64))
     images = float(totals[-1])
-    means = {k: float(totals[i] / max(float(totals[-2]), 1)) for i, k in enumerate(keys)}
+    means = {k: float(totals[i] / max(images, 1)) for i, k in enumerate(keys)}
     train_loss = means.get("loss", sum(v for k, v in means.items() if k.startswith("loss_")))
     return {"stage": stage.name, "epoch": epoch, "train_loss": train_loss, **{f"train_{k}": v for k, v in means.items()
                                                                             if k != "loss"},
@@ -326,22 +325,23 @@ def _restore(io: WorkerIO, model) -> tuple[dict[str, Any], dict[str, Any] | None
 
 def _final_report(model, recipe, io: WorkerIO, progress, clock) -> dict[str, Any]:
     model.eval()
-    digests = distributed.all_gather_rows(
-        torch.tensor([[int(fitted_state_digest(model)[:15], 16)]], dtype=torch.int64))[:, 0].tolist()
     rss = distributed.all_gather_rows(torch.tensor(
         [[resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]], dtype=torch.float64))[:, 0].tolist()
     metrics = {
         "fit_compute_seconds": clock["compute"],
-        "worker_digests": [f"{d:015x}" for d in digests],
-        # Only recipes without an Optimize stage must end bitwise equal on every worker: DDP keeps the
-        # parameters equal, but BatchNorm statistics of a CPU run are each worker's own.
-        "digests_must_match": not any(isinstance(s, Optimize) for s in recipe),
         "worker_peak_rss_mb": rss,
         "world_size": io.world_size,
         "stages": [f"{s.kind}:{s.name}" for s in recipe],
         "final": True,
         **getattr(model, "fit_timings", {}),
     }
+    # Only recipes without an Optimize stage must end bitwise equal on every worker (DDP keeps parameters
+    # equal, but BatchNorm statistics of a CPU run are each worker's own): only they hash their state,
+    # and the driver refuses to save when the digests differ.
+    if not any(isinstance(s, Optimize) for s in recipe):
+        digests = distributed.all_gather_rows(
+            torch.tensor([[int(fitted_state_digest(model)[:15], 16)]], dtype=torch.int64))[:, 0].tolist()
+        metrics["worker_digests"] = [f"{d:015x}" for d in digests]
     if hasattr(model, "memory_bank") and isinstance(model.memory_bank, torch.Tensor):
         metrics["memory_bank_rows"] = int(model.memory_bank.shape[0])
     if progress["history"]:

@@ -33,20 +33,18 @@ class RunnerStepContext:
     def __init__(self, *, batch: dict[str, Any], modules: dict[str, torch.nn.Module],
                  optimizers: dict[str, OptimizerSpec], extra: dict[str, Iterator[torch.Tensor]], epoch: int,
                  step: int, generator: torch.Generator, weight: float, use_amp: bool,
-                 total_steps: int | None = None, total_epochs: int | None = None):
+                 total_steps: int | None = None):
         self.batch = batch
         self.modules = modules
         self.extra = extra
         self.epoch = epoch
         self.step = step
         self.total_steps = total_steps  # the stage's resolved step budget (None: epochs only)
-        self.total_epochs = total_epochs  # the stage's resolved epoch budget (None: steps only)
         self.generator = generator
         self.weight = weight
         self._optimizers = optimizers
         self._use_amp = use_amp
         self.logged: dict[str, float] = {}
-        self.optimizer_steps = 0
 
     def optimize(self, optimizer: str, loss: torch.Tensor, *, retain_graph: bool = False) -> float:
         try:
@@ -63,7 +61,6 @@ class RunnerStepContext:
         spec.optimizer.step()
         if spec.scheduler is not None and spec.interval == "step":
             spec.scheduler.step()
-        self.optimizer_steps += 1
         value = float(loss.detach())
         self.logged.setdefault(f"loss_{optimizer}" if len(self._optimizers) > 1 else "loss", value)
         return value

@@ -58,17 +58,6 @@ def resolve_url_weights(what: str, url: str, explicit: str | None = None, *, how
     raise WeightsUnavailableError("\n".join(lines))
 
 
-def load_url_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise WeightsUnavailableError(f"{path} does not hold a state dict")
-    return state
-
-
 def _may_download(url: str, timeout: float = 1.5) -> bool:
     if os.environ.get("RAYLIB_AD_OFFLINE", "") not in ("", "0"):
         return False

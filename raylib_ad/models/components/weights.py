@@ -153,3 +153,16 @@ def _lite0_from_package() -> str | None:
 
 
 OFFLINE_PACKAGES = {"tf_efficientnet_lite0": _lite0_from_package}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, or a torch file (.pth/.pt/.pckl, tensors only)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path} does not hold a state dict")
+    return state

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..components.conv_blocks import double_conv as _double_conv
+from ..components.conv_blocks import unet_forward
 from ..components.conv_blocks import up_conv as _up_conv
 
 
@@ -95,11 +96,4 @@ class DiscriminativeNetwork(nn.Module):
         self.out = nn.Conv2d(w, out_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for index, block in enumerate(self.encoder):
-            x = block(x if index == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        x = skips.pop()
-        for up, merge in zip(self.ups, self.merges):
-            x = merge(torch.cat((up(x), skips.pop()), dim=1))
-        return self.out(x)
+        return unet_forward(x, self.encoder, self.ups, self.merges, self.out)

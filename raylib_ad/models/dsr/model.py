@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ...errors import ConfigError, WeightsUnavailableError
 from ..base import AnomalyModel, AnomalyOutput, register_model
 from ..components.synthetic_anomaly import SyntheticAnomalyGenerator, perlin_masks
+from ..components.weights import read_state_dict
 from ..draem.losses import focal_loss
 from ..draem.model import check_image_size
 from ..recipe import Optimize, OptimizerSpec, Stage
@@ -146,13 +147,8 @@ class Dsr(AnomalyModel):
 
     # -- the pretrained latent model -----------------------------------------------------------------
     def load_latent_model(self, path: str) -> None:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = read_state_dict(path)
+        state = state.get("state_dict", state)
         try:
             self.discrete_latent_model.load_state_dict(state, strict=True)
         except RuntimeError as err:

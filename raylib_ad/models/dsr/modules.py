@@ -15,6 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..components.conv_blocks import double_conv as _double_conv
+from ..components.conv_blocks import unet_forward
 from ..components.conv_blocks import up_conv as _up_conv
 from .latent import ResidualStack
 
@@ -83,14 +84,7 @@ class UNet(nn.Module):
         self.out = nn.Conv2d(w, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for index, block in enumerate(self.encoder):
-            x = block(x if index == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        x = skips.pop()
-        for up, merge in zip(self.ups, self.merges):
-            x = merge(torch.cat((up(x), skips.pop()), dim=1))
-        return self.out(x)
+        return unet_forward(x, self.encoder, self.ups, self.merges, self.out)
 
 
 class AnomalyDetectionModule(nn.Module):

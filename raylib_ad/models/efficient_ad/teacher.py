@@ -32,6 +32,7 @@ from torch import nn
 from ...errors import ConfigError, WeightsUnavailableError
 from ..base import default_layers_for
 from ..components.feature_extractor import FeatureExtractor
+from ..components.weights import read_state_dict
 
 ANOMALIB_WEIGHTS_FOLDER = "efficientad_pretrained_weights"
 TEACHER_FORMAT = "raylib_ad.efficient_ad.teacher/1"
@@ -61,12 +62,7 @@ def read_teacher_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return state
     if not path.is_file():
         raise WeightsUnavailableError(f"EfficientAD teacher file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise WeightsUnavailableError(f"EfficientAD teacher file {path} does not hold a state dict")
-    return state
+    return read_state_dict(path)
 
 
 def load_teacher(teacher: nn.Module, path: str | os.PathLike, model_size: str) -> None:

@@ -17,7 +17,8 @@ from torchvision.ops import RoIAlign
 from torchvision.ops import boxes as box_ops
 from torchvision.transforms import functional as TF
 
-from ..components.url_weights import load_url_state, resolve_url_weights
+from ..components.url_weights import resolve_url_weights
+from ..components.weights import read_state_dict
 
 # Detector architectures and their COCO weights (torchvision's file names, e.g.
 # fasterrcnn_resnet50_fpn_coco-258fb6c6.pth for anomalib's fasterrcnn_resnet50_fpn).
@@ -47,7 +48,7 @@ def build_detector(arch: str, pretrained: bool, weights: str | None = None) -> n
                                        + "|".join(DETECTORS))
     model = builder(weights=None, weights_backbone=None, num_classes=91)
     if path is not None:
-        model.load_state_dict(load_url_state(path))
+        model.load_state_dict(read_state_dict(path))
     return model
 
 
@@ -146,7 +147,7 @@ class AlexNetRegionFeatures(nn.Module):
                                    how="or pool features from the detector itself: --set region_features=detector")
 
     def load(self, path) -> None:
-        self.load_state_dict(load_url_state(path))
+        self.load_state_dict(read_state_dict(path))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
