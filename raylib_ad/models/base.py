@@ -38,6 +38,9 @@ class AnomalyModel(nn.Module):
     # anomalib's parameter names and defaults; `--set key=value` may override any of them.
     defaults: ClassVar[dict[str, Any]] = {}
     produces_maps: ClassVar[bool] = True
+    # Video models: frames per sample. Each sample is then a clip of this many consecutive frames ending
+    # at the frame being scored, and the model takes (B, clip_length, 3, S, S). None: an image model.
+    clip_length: ClassVar[int | None] = None
     # Models trained by gradient: epochs of the main Optimize stage when --max-epochs is not given
     # (anomalib's max_epochs). None: the model has no Optimize stage (memory banks, zero-shot).
     default_epochs: ClassVar[int | None] = None
