@@ -117,6 +117,14 @@ class TrainedModel:
         return torch.from_numpy(normalize_pixels(np.stack(arrays), self.mean, self.std))
 
     @torch.no_grad()
+    def forward_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalized float32 (B, 3, S, S) -> raw scores (B,) and raw maps (B, S, S) or None, as numpy.
+        The one call batch scoring (raylib_ad/scoring) makes, so any backend offering it can score."""
+        out = self.model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.model.device))
+        maps = None if out.anomaly_map is None else out.anomaly_map.float().cpu().numpy()
+        return out.score.float().cpu().numpy(), maps
+
+    @torch.no_grad()
     def predict(self, images: Iterable, with_maps: bool = False) -> list[dict[str, Any]]:
         """One dict per image with the PREDICTION_FIELDS: score (raw), normalized_score (0.5 = threshold),
         is_anomalous (score >= threshold), threshold; the last three are None without stats.json. With
@@ -144,13 +152,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, trackin
          ) -> TrainedModel:
     """Load a trained model directory (no Ray needed), or a registered version: `models:/<name>@<alias>`
     or `models:/<name>/<version>` from the MLflow registry at `tracking_uri` (default: MLFLOW_TRACKING_URI,
-    else ./mlflow.db), downloaded once into $RAYLIB_AD_CACHE/registry/."""
+    else ./mlflow.db), downloaded once into $RAYLIB_AD_CACHE/registry/. An exported directory (export.json,
+    see raylib_ad/export) gives an ExportedModel: the same predict / forward_batch, run by onnxruntime or
+    openvino."""
     if isinstance(path, str) and path.startswith("models:/"):
         from raylib_ad.tracking.registry import download_model_version
 
         directory, _ = download_model_version(path, uri=tracking_uri)
     else:
         directory = Path(path)
+    if (directory / "export.json").is_file():  # `raylib-ad export`'s directory: an ExportedModel, same API
+        from raylib_ad.export.runtime import ExportedModel
+
+        return ExportedModel(directory, device=str(device))
     stats_path = directory / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     return TrainedModel(read_model(directory, device), stats, directory)

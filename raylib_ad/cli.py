@@ -1,4 +1,4 @@
-"""The `raylib-ad` command: train, predict, models, evaluate, threshold, sweep, serve. jobs/*.py call the
+"""The `raylib-ad` command: train, predict, models, export, evaluate, threshold, sweep, serve. jobs/*.py call the
 same functions."""
 
 from __future__ import annotations
@@ -20,14 +20,36 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train and evaluate one model on one category")
     add_train_arguments(train)
 
-    predict = sub.add_parser("predict", help="score images with a trained model directory")
-    predict.add_argument("--model", required=True, help="model directory written by train (DIR/model)")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict = sub.add_parser("predict", help="score images with a trained model directory: JSON lines in process, "
+                             "or with --out a Parquet file written by a pool of model replicas on Ray Data")
+    predict.add_argument("--model", required=True, help="model directory written by train (DIR/model), "
+                         "models:/<name>@<alias> or models:/<name>/<version>")
+    predict.add_argument("images", nargs="+", help="image files, folders (searched recursively), globs (quoted; "
+                         "** recurses) or manifests (.csv/.parquet with a path column)")
     predict.add_argument("--maps", help="write anomaly-map PNGs into this folder")
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--device", default="cpu", help="in-process scoring only (with --out: --gpus-per-actor)")
     predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--out", metavar="FILE.parquet", help="score on Ray Data into this Parquet file (path, "
+                         "score, normalized_score, is_anomalous, threshold, error, anomaly_map_file); resumable: "
+                         "a rerun skips the images already written")
+    predict.add_argument("--actors", type=int, default=1, help="--out: model replicas (Ray actors)")
+    predict.add_argument("--gpus-per-actor", type=float, default=0.0, help="--out: GPUs per replica")
+    predict.add_argument("--cpus-per-actor", type=float, help="--out: CPUs per replica (default: an even share "
+                         "of the cluster's CPUs, a quarter kept for decoding; 1 with GPUs)")
+    predict.add_argument("--local-ray", action="store_true", help="--out: start a private local Ray even when a "
+                         "cluster is running")
+    predict.add_argument("--no-progress", dest="progress", action="store_false")
 
     sub.add_parser("models", help="list the available models")
+
+    export = sub.add_parser("export", help="export a trained model for machines without torch (ONNX / OpenVINO); "
+                            "raylib_ad.load, predict and serve run the export directory")
+    export.add_argument("--model", required=True, help="model directory (DIR/model of a run) or models:/...")
+    export.add_argument("--format", required=True, choices=["onnx", "openvino"],
+                        help="onnx (onnxruntime) or openvino (OpenVINO IR)")
+    export.add_argument("--half", action="store_true", help="store the weights in FP16 (half the size; computed "
+                        "in FP32; looser parity bound, see README)")
+    export.add_argument("--out", required=True, help="export directory to write")
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on a dataset without training: the "
                               "metrics, plots and MLflow run of train")
@@ -70,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "models":
             return _models()
+        if args.command == "export":
+            return _export(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "threshold":
@@ -79,9 +103,25 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_sweep(args)
     except RaylibADError as err:
+        _print_ray_log_tail()
         print(f"raylib-ad: error: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        _print_ray_log_tail()
+        raise
     return 1
+
+
+def _print_ray_log_tail(lines: int = 30) -> None:
+    """On failure, the end of Ray's own output (workers, Ray Train), which the quiet console kept in a file."""
+    from raylib_ad.console import current
+
+    console = current()
+    if console is None or console.verbose:
+        return
+    tail = console.tail(lines)
+    if tail:
+        print(f"--- the last lines of Ray's output (all of it: {console.log_file}) ---\n{tail}\n---", file=sys.stderr)
 
 
 def _train(args) -> int:
@@ -98,7 +138,8 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="model directory (DIR/model of a run), models:/<name>@<alias> or "
                              "models:/<name>/<version>")
-    parser.add_argument("--data", choices=["mvtec", "folder", "magnetic_tile", "synthetic"],
+    parser.add_argument("--data", choices=["mvtec", "folder", "magnetic_tile", "synthetic",
+                                           "synthetic_video", "ucsd_ped2", "avenue", "shanghaitech"],
                         help="default: the data the model was trained on (its stats.json)")
     parser.add_argument("--root", help="dataset root folder (default: the training run's)")
     parser.add_argument("--category", help="category (default: the training run's, with the same --data)")
@@ -144,16 +185,42 @@ def _threshold(args) -> int:
 
 
 def _predict(args) -> int:
-    from raylib_ad.artifact import PREDICTION_FIELDS, load
+    from raylib_ad.artifact import load
+    from raylib_ad.errors import ConfigError
+    from raylib_ad.scoring.inputs import expand_inputs
+
+    for name in ("batch_size", "actors"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    paths = expand_inputs(args.images)  # a folder or glob matching nothing fails here, before any model loads
+    if args.out is None:
+        return _predict_in_process(load(args.model, device=args.device), paths, args)
+    from raylib_ad.scoring.batch import score_to_parquet
+    from raylib_ad.scoring.pipeline import ReplicaPool
+    from raylib_ad.train.ray_setup import ensure_ray
+
+    trained = load(args.model)  # fails here on a bad model, before Ray starts
+    ensure_ray(local=args.local_ray)
+    pool = ReplicaPool(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
+    summary = score_to_parquet(trained, paths, args.out, maps_dir=args.maps, pool=pool, batch_size=args.batch_size,
+                               progress=args.progress)
+    if summary["errors"]:
+        print(f"raylib-ad: {summary['errors']} of {summary['scored']} images could not be read; their rows in "
+              f"{args.out} carry the reason in the error column", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def _predict_in_process(trained, paths: list[str], args) -> int:
+    from raylib_ad.artifact import PREDICTION_FIELDS
     from raylib_ad.postprocess.plots import anomaly_map_png
 
-    trained = load(args.model, device=args.device)
     maps_dir = Path(args.maps) if args.maps else None
     if maps_dir:
         maps_dir.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        for path, result in zip(paths, trained.predict(paths, with_maps=maps_dir is not None)):
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start : start + args.batch_size]
+        for path, result in zip(batch, trained.predict(batch, with_maps=maps_dir is not None)):
             # The same field names as TrainedModel.predict and the HTTP API (README.md, "Outputs").
             line = {"path": path, **{name: result[name] for name in PREDICTION_FIELDS}}
             if maps_dir is not None and result.get("normalized_map") is not None:
@@ -161,6 +228,16 @@ def _predict(args) -> int:
                 png.write_bytes(anomaly_map_png(result["normalized_map"], vmin=0.0, vmax=1.0))
                 line["anomaly_map_file"] = str(png)
             print(json.dumps(line), flush=True)
+    return 0
+
+
+def _export(args) -> int:
+    from raylib_ad.export import export_model
+
+    out = export_model(args.model, fmt=args.format, out_dir=args.out, half=args.half)
+    meta = json.loads((out / "export.json").read_text())
+    print(json.dumps({"export_dir": str(out), "model": meta["model"], "format": meta["format"], "half": meta["half"],
+                      "parity": meta["parity"]}))
     return 0
 
 

@@ -1,10 +1,14 @@
-"""Scoring a split with a fitted model (plain torch, no Ray) and turning the scores into a report."""
+"""Scoring a split with a fitted model: in process (plain torch), or, inside `split_scoring_on_ray()`, on
+Ray Data across the cluster (raylib_ad/scoring/split.py); both return the same ScoredSplit."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +44,22 @@ def _prefetched(iterator, depth: int = 2):
             yield batch
 
 
-@torch.no_grad()
+# Set by split_scoring_on_ray: the options of raylib_ad.scoring.split.score_split_on_ray, or None (in process).
+_ON_RAY: ContextVar[dict[str, Any] | None] = ContextVar("raylib_ad_split_scoring_on_ray", default=None)
+
+
+@contextlib.contextmanager
+def split_scoring_on_ray(pool=None, **options) -> Iterator[None]:
+    """Within the block, score_split scores on Ray Data with a pool of model replicas (a
+    raylib_ad.scoring.pipeline.ReplicaPool; default one actor) instead of in this process. The caller
+    has initialised Ray. Used by train/run.py, whose callers (train/outputs.py) call score_split."""
+    token = _ON_RAY.set({"pool": pool, **options})
+    try:
+        yield
+    finally:
+        _ON_RAY.reset(token)
+
+
 def score_split(
     model: AnomalyModel,
     table: pa.Table,
@@ -48,6 +67,16 @@ def score_split(
     batch_size: int = 32,
     progress: bool = True,
 ) -> ScoredSplit:
+    on_ray = _ON_RAY.get()
+    if on_ray is not None:
+        from raylib_ad.scoring.split import score_split_on_ray
+
+        return score_split_on_ray(model, table, batch_size=batch_size, progress=progress, **on_ray)
+    return _score_split_in_process(model, table, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def _score_split_in_process(model: AnomalyModel, table: pa.Table, *, batch_size: int, progress: bool) -> ScoredSplit:
     model.eval()
     cfg = model.config()
     device = model.device

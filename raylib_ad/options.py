@@ -50,6 +50,7 @@ class TrainOptions:
     experiment: str = "raylib_ad"
     mlflow: bool = True
     progress: bool = True
+    verbose: bool = False  # Ray's own output on the console too (it always goes to OUT/ray.log)
 
     def resolved_category(self) -> str:
         category = self.category or DEFAULT_CATEGORY.get(self.data)
@@ -89,7 +90,9 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name, e.g. patchcore, padim, dfm, dfkde")
-    parser.add_argument("--data", default="synthetic", choices=list(DATA_KINDS))
+    parser.add_argument("--data", default="synthetic", choices=list(DATA_KINDS),
+                        help="dataset layout; synthetic_video, ucsd_ped2, avenue and shanghaitech are videos, for "
+                             "video models (clips of frames; --category: the ShanghaiTech scene, 01-13)")
     parser.add_argument("--root", default="datasets", help="dataset root folder")
     parser.add_argument("--category", help="category (MVTec name, or any name for synthetic)")
     parser.add_argument("--split-file", help="CSV split file (split,label,defect,image,mask), VisA-style")
@@ -123,6 +126,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Ray's own output (workers, Ray Train, Ray Data) as well; it always goes to "
+                             "OUT/ray.log")
     parser.add_argument("--local-ray", action="store_true",
                         help="start a private local Ray even when a cluster runs on this machine (default: join it)")
 

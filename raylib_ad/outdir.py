@@ -64,3 +64,25 @@ def _sample(contents: list[Path], shown: int = 3) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in contents)
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def link_tree(source: str | Path, target: str | Path) -> Path:
+    """`target` as a copy of the directory `source` made of hard links (one copy of the bytes on disk),
+    file by file falling back to a real copy where links cannot be made (another file system)."""
+    import os
+
+    source, target = Path(source), Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for path in source.rglob("*"):
+        dest = target / path.relative_to(source)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+    return target

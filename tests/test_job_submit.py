@@ -128,6 +128,10 @@ def test_readme_job_submit_recipe_works_and_keeps_the_mlflow_run(synthetic_root,
     assert "Missing authentication token" not in log and "succeeded" in log.lower()
     store = f"sqlite:///{checkout}/mlflow.db"
     assert f"this job logs its run to {store}" in log  # said plainly, in the job's own output
+    # A quiet console: Ray's own chatter (workers, Ray Train, Ray Data) is in the run's ray.log, not here.
+    for chatter in ("Failed to query Ray Train Controller", "Running Dataset", "Setting up process group"):
+        assert chatter not in log, chatter
+    assert "Setting up process group" in (out / "ray.log").read_text()
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["image_auroc"] > 0.7 and (out / "model" / "weights.safetensors").is_file()

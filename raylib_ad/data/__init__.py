@@ -11,10 +11,11 @@ from .layouts import (
     seeded_split,
     split_file_manifest,
 )
-from .manifest import MANIFEST_SCHEMA, make_manifest, split_counts, validate_manifest
+from .manifest import MANIFEST_SCHEMA, VIDEO_MANIFEST_SCHEMA, make_manifest, split_counts, validate_manifest
 from .mvtec import MVTEC_CATEGORIES, ensure_mvtec
 from .public_layouts import kolektor_manifest, mvtec_ad2_manifest, mvtec_loco_manifest, visa_manifest
 from .synthetic import ensure_synthetic
+from .synthetic_video import ensure_synthetic_video
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,6 +25,7 @@ from .transforms import (
     load_mask,
     normalize,
 )
+from .video import VIDEO_DATA_KINDS, cached_frames, iter_video_frames, video_manifest
 
 __all__ = [
     "DATASET_CATEGORIES",
@@ -33,14 +35,19 @@ __all__ = [
     "IMAGENET_STD",
     "MANIFEST_SCHEMA",
     "MVTEC_CATEGORIES",
+    "VIDEO_DATA_KINDS",
+    "VIDEO_MANIFEST_SCHEMA",
     "SINGLE_CATEGORY",
     "BatchDecoder",
     "build_manifest",
+    "cached_frames",
     "dataset_categories",
     "decode_all",
     "ensure_mvtec",
     "ensure_synthetic",
+    "ensure_synthetic_video",
     "folder_manifest",
+    "iter_video_frames",
     "kolektor_manifest",
     "load_image",
     "load_mask",
@@ -54,5 +61,6 @@ __all__ = [
     "split_counts",
     "split_file_manifest",
     "validate_manifest",
+    "video_manifest",
     "visa_manifest",
 ]

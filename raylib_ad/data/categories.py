@@ -26,6 +26,11 @@ DATASET_CATEGORIES: dict[str, tuple[str, ...]] = {
     "magnetic_tile": (MAGNETIC_TILE_CATEGORY,),
     # The synthetic generator makes any category name; "all" borrows MVTec AD's fifteen.
     "synthetic": MVTEC_CATEGORIES,
+    # Video datasets (data/video.py): ShanghaiTech's categories are its scenes.
+    "synthetic_video": ("shapes",),
+    "ucsd_ped2": ("UCSDped2",),
+    "avenue": ("avenue",),
+    "shanghaitech": tuple(f"{scene:02d}" for scene in range(1, 14)),
 }
 
 # Datasets that are a single category: --category may be left out.

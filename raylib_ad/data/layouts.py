@@ -21,10 +21,13 @@ from .categories import KOLEKTOR_CATEGORY, MAGNETIC_TILE_CATEGORY
 from .manifest import ANOMALOUS, GOOD, NORMAL, SPLITS, file_problems, format_problems, make_manifest
 from .mvtec import MVTEC_CATEGORIES, ensure_mvtec
 from .synthetic import ensure_synthetic
+from .video import VIDEO_DATA_KINDS
 
 # The layouts of public_layouts.py (imported there lazily: it builds on the helpers below).
 PUBLIC_DATA_KINDS = ("visa", "mvtec_ad2", "mvtec_loco", "kolektor")
-DATA_KINDS = ("mvtec", "folder", "magnetic_tile", "synthetic", *PUBLIC_DATA_KINDS)
+IMAGE_DATA_KINDS = ("mvtec", "folder", "magnetic_tile", "synthetic", *PUBLIC_DATA_KINDS)
+# Video datasets (data/video.py): one row per scored frame, with the clip of frames ending at it.
+DATA_KINDS = (*IMAGE_DATA_KINDS, *VIDEO_DATA_KINDS)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_FILE_COLUMNS = ("split", "label", "defect", "image", "mask")
 SPLIT_FILE_LABELS = {"normal": NORMAL, "anomalous": ANOMALOUS}
@@ -43,14 +46,25 @@ def build_manifest(
     normal_dir: str | os.PathLike | None = None,
     abnormal_dir: str | os.PathLike | None = None,
     mask_dir: str | os.PathLike | None = None,
+    clip_length: int | None = None,
 ) -> pa.Table:
     """Manifest for dataset kind ``data`` (one of DATA_KINDS) found under ``root``.
 
-    A split file, when given, defines the rows for every kind (paths relative to root); for VisA it may
-    also be in VisA's own format (object,split,label,image,mask).
+    A split file, when given, defines the rows for every image kind (paths relative to root); for VisA it
+    may also be in VisA's own format (object,split,label,image,mask). ``clip_length``: the frames per
+    sample of a video model (AnomalyModel.clip_length); required for the video kinds, None for images.
     """
     if data not in DATA_KINDS:
         raise ConfigError(f"unknown dataset kind data={data!r}; choices: {', '.join(DATA_KINDS)}")
+    if data in VIDEO_DATA_KINDS:
+        if split_file is not None:
+            raise ConfigError(f"--split-file is not supported for the video dataset --data {data}")
+        from .video import video_manifest
+
+        return video_manifest(data, root, category, clip_length)
+    if clip_length is not None:
+        raise ConfigError(f"--data {data} is an image dataset, but a video model needs clips of {clip_length} "
+                          f"frames; video datasets: {', '.join(VIDEO_DATA_KINDS)}")
     if data == "magnetic_tile":
         return magnetic_tile_manifest(root, split_file=split_file, seed=seed, test_fraction=test_fraction)
     if data in PUBLIC_DATA_KINDS:

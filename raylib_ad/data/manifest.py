@@ -29,6 +29,11 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
+# Video manifests (data/video.py) add `clip`: the frame files of the clip that ends at the row's frame
+# (`path`), oldest first. Every row of a video manifest has one; image manifests have no such column.
+CLIP_COLUMN = "clip"
+VIDEO_MANIFEST_SCHEMA = MANIFEST_SCHEMA.append(pa.field(CLIP_COLUMN, pa.list_(pa.string())))
+
 SPLITS = ("train", "test")
 NORMAL, ANOMALOUS = 0, 1
 GOOD = "good"
@@ -41,12 +46,14 @@ def make_manifest(rows: Iterable[Mapping]) -> pa.Table:
     Paths are made absolute; rows are sorted by (split, path) so the same files
     always give the same table, whatever order the file system listed them in.
     """
-    clean = [_clean_row(i, row) for i, row in enumerate(rows)]
+    rows = list(rows)
+    video = any(CLIP_COLUMN in row for row in rows)
+    clean = [_clean_row(i, row, video) for i, row in enumerate(rows)]
     clean.sort(key=lambda r: (r["split"], r["path"]))
-    return pa.Table.from_pylist(clean, schema=MANIFEST_SCHEMA)
+    return pa.Table.from_pylist(clean, schema=VIDEO_MANIFEST_SCHEMA if video else MANIFEST_SCHEMA)
 
 
-def _clean_row(index: int, row: Mapping) -> dict:
+def _clean_row(index: int, row: Mapping, video: bool = False) -> dict:
     missing = [name for name in MANIFEST_SCHEMA.names if name not in row and name != "mask_path"]
     if missing:
         raise DataError(f"manifest row {index} lacks field(s) {missing}: {dict(row)}")
@@ -58,7 +65,7 @@ def _clean_row(index: int, row: Mapping) -> dict:
     if row["label"] not in (NORMAL, ANOMALOUS):
         raise DataError(f"manifest row {index}: label {row['label']!r} is not 0 or 1 ({row['path']})")
     mask = row.get("mask_path")
-    return {
+    clean = {
         "path": os.path.abspath(os.fspath(row["path"])),
         "mask_path": os.path.abspath(os.fspath(mask)) if mask else None,
         "label": int(row["label"]),
@@ -66,18 +73,31 @@ def _clean_row(index: int, row: Mapping) -> dict:
         "category": str(row["category"]),
         "split": str(row["split"]),
     }
+    if video:
+        clip = row.get(CLIP_COLUMN)
+        if not clip or isinstance(clip, (str, bytes)):
+            raise DataError(f"manifest row {index}: a video manifest row needs {CLIP_COLUMN!r}, a non-empty list of "
+                            f"frame files ending at its path, got {clip!r} ({row['path']})")
+        clean[CLIP_COLUMN] = [os.path.abspath(os.fspath(p)) for p in clip]
+    return clean
 
 
-def validate_manifest(table: pa.Table, *, check_images: bool = True) -> None:
+def validate_manifest(table: pa.Table, *, check_images: bool = True, clip_length: int | None = None) -> None:
     """Raise one DataError listing every problem found, so they can all be fixed at once.
 
     Files are always checked for existence; with check_images every image and mask is
     also decoded (PIL ``load()``) and mask sizes are compared with their image's size.
+    A video manifest (a `clip` column) is also checked clip by clip: `clip_length` frames (when
+    given) ending at the row's frame, every frame readable, all frames of a clip of one size.
     """
     missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
     if missing:
         raise DataError(f"manifest lacks column(s) {missing}; expected {MANIFEST_SCHEMA.names}")
-    rows = table.select(MANIFEST_SCHEMA.names).to_pylist()
+    video = CLIP_COLUMN in table.column_names
+    if clip_length is not None and not video:
+        raise DataError(f"the model takes clips of {clip_length} frames, but the manifest has no {CLIP_COLUMN!r} "
+                        "column: it describes images, not videos")
+    rows = table.select(MANIFEST_SCHEMA.names + ([CLIP_COLUMN] if video else [])).to_pylist()
 
     problems = []
     train = [r for r in rows if r["split"] == "train"]
@@ -89,8 +109,47 @@ def validate_manifest(table: pa.Table, *, check_images: bool = True) -> None:
         if r["label"] != NORMAL
     ]
     problems += file_problems(rows, check_images=check_images)
+    if video:
+        problems += clip_problems(rows, clip_length, check_images=check_images)
     if problems:
         raise DataError(format_problems(problems))
+
+
+def clip_problems(rows: list[dict], clip_length: int | None, *, check_images: bool = True) -> list[str]:
+    """Per-clip problems of a video manifest: wrong length, not ending at the row's frame, a frame that is
+    missing or cannot be decoded, frames of different sizes in one clip."""
+    problems: list[str] = []
+    for row in rows:
+        clip = row[CLIP_COLUMN] or []
+        if clip_length is not None and len(clip) != clip_length:
+            problems.append(f"clip of {len(clip)} frame(s) for {row['path']}; the model needs clips of {clip_length}")
+        elif clip and clip[-1] != row["path"]:
+            problems.append(f"the clip of {row['path']} ends at another frame, {clip[-1]}")
+    # Frames that are some row's `path` were decoded by file_problems: their header size is enough here.
+    scored = {row["path"] for row in rows}
+    frames = sorted({frame for row in rows for frame in (row[CLIP_COLUMN] or [])})
+
+    def size_of(frame: str) -> tuple[tuple[int, int] | None, str | None]:
+        if not os.path.isfile(frame):
+            return None, None if frame in scored else f"clip frame does not exist: {frame}"
+        if frame in scored or not check_images:
+            try:
+                with Image.open(frame) as im:
+                    return im.size, None
+            except Exception:  # reported by file_problems (scored frames) or below
+                return None, None if frame in scored else f"clip frame cannot be decoded: {frame}"
+        size, problem = _decoded_size(frame, "clip frame")
+        return size, problem
+
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        found = dict(zip(frames, pool.map(size_of, frames, chunksize=16)))
+    problems += [problem for _, problem in found.values() if problem]
+    for row in rows:
+        sizes = {frame: found[frame][0] for frame in row[CLIP_COLUMN] or [] if found[frame][0] is not None}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{frame} {_wh(size)}" for frame, size in sizes.items())
+            problems.append(f"frames of different sizes in one clip (of {row['path']}): {listed}")
+    return problems
 
 
 def file_problems(rows: list[dict], *, check_images: bool = True) -> list[str]:

@@ -21,7 +21,9 @@ def manifest_to_dataset(
     rows_per_block: int = 16,
     decode_cpus: float = 0.5,
 ) -> ray.data.Dataset:
+    # A video manifest keeps its clip column: the decoder turns each row's clip into (T, 3, S, S).
     columns = ["path", "label"] + (["mask_path"] if with_masks else [])
+    columns += ["clip"] if "clip" in table.column_names else []
     table = table.select(columns)
     # Small blocks let several decode tasks run at once and let the stream start flowing early;
     # one block per table would decode the whole split in a single task.

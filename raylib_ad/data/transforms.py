@@ -72,7 +72,9 @@ class BatchDecoder:
     """Turns a manifest batch (columns path, mask_path, label) into numeric arrays.
 
     Usable as a Ray Data ``map_batches`` callable. The output has no string columns,
-    since torch's default collation cannot batch them.
+    since torch's default collation cannot batch them. A batch with a ``clip`` column (a video
+    manifest) becomes images of shape (B, T, 3, S, S), one clip of T frames per row, oldest first;
+    labels and masks are the last frame's.
     """
 
     def __init__(
@@ -90,11 +92,16 @@ class BatchDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = list(batch["path"])
         size = self.image_size
-        images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-        for i, path in enumerate(paths):
-            images[i] = load_image(str(path), size)
+        clips = batch.get("clip") if hasattr(batch, "get") else None
+        if clips is not None:
+            pixels = self._clips(clips)
+        else:
+            images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+            for i, path in enumerate(paths):
+                images[i] = load_image(str(path), size)
+            pixels = normalize(images, self.mean, self.std)
         out = {
-            "image": normalize(images, self.mean, self.std),
+            "image": pixels,
             "label": np.asarray(batch["label"], dtype=np.int64).reshape(len(paths)),
         }
         if self.with_masks:
@@ -107,6 +114,25 @@ class BatchDecoder:
             out["mask"] = masks
         return out
 
+    def _clips(self, clips) -> np.ndarray:
+        """Clips (rows of frame paths, oldest first) -> float32 (B, T, 3, S, S). Consecutive rows of a video
+        share T-1 frames: each distinct frame of the batch is decoded once."""
+        clips = [[str(p) for p in clip] for clip in clips]
+        lengths = sorted({len(clip) for clip in clips})
+        if len(lengths) > 1 or (lengths and lengths[0] == 0):
+            raise DataError(f"clips of {lengths} frames in one batch (first clip: {clips[0]}); every clip needs "
+                            "the model's clip_length frames")
+        size, length = self.image_size, lengths[0] if lengths else 0
+        frames = np.empty((len(clips), length, size, size, 3), dtype=np.uint8)
+        decoded: dict[str, np.ndarray] = {}
+        for i, clip in enumerate(clips):
+            for j, path in enumerate(clip):
+                if path not in decoded:
+                    decoded[path] = load_image(path, size)
+                frames[i, j] = decoded[path]
+        flat = normalize(frames.reshape(-1, size, size, 3), self.mean, self.std)
+        return flat.reshape(len(clips), length, 3, size, size)
+
 
 def decode_all(
     table: pa.Table,
@@ -117,12 +143,16 @@ def decode_all(
     *,
     with_masks: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Decode a manifest in row order without Ray; each batch also carries its row "index"."""
+    """Decode a manifest in row order without Ray; each batch also carries its row "index".
+    A video manifest (a ``clip`` column) gives images of shape (B, T, 3, S, S)."""
     decoder = BatchDecoder(image_size, mean, std, with_masks=with_masks)
     columns = ["path", "label"] + (["mask_path"] if with_masks else [])
+    clips = "clip" in table.column_names
     for start in range(0, table.num_rows, batch_size):
-        chunk = table.slice(start, batch_size).select(columns)
+        chunk = table.slice(start, batch_size)
         batch = {name: np.asarray(chunk.column(name).to_pylist(), dtype=object) for name in columns}
+        if clips:
+            batch["clip"] = chunk.column("clip").to_pylist()
         out = decoder(batch)
         out["index"] = np.arange(start, start + chunk.num_rows, dtype=np.int64)
         yield out

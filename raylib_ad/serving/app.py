@@ -1,6 +1,8 @@
 """The Ray Serve application: one deployment, a FastAPI ingress, every category.
 
-    POST /v1/categories/{category}/predict[?map=true]   raw image bytes, or multipart with several files
+    POST /v1/categories/{category}/predict[?map=true]   raw image bytes, or multipart with several files;
+                                                        for a video model one clip: a video file, or its
+                                                        frames as multipart files (video_predict.py)
     POST /v1/categories/{category}/reload               check for a new version now (this replica)
     GET  /v1/categories                                 what can be served, with versions
     GET  /healthz                                       liveness; the categories loaded on this replica
@@ -31,6 +33,7 @@ from raylib_ad.serving.errors import BadRequest, PayloadTooLarge, ServingError
 from raylib_ad.serving.models import Catalog, ModelSlot, resolve_device
 from raylib_ad.serving.responses import score_group
 from raylib_ad.serving.settings import ServeSettings
+from raylib_ad.video_predict import clip_length_of, clip_response
 
 # Read when the replica imports this module; set it in the deployment's runtime_env to change it.
 MAX_MODELS_PER_REPLICA = int(os.environ.get("RAYLIB_AD_SERVE_MAX_MODELS", "8"))
@@ -105,13 +108,17 @@ class AnomalyDetector:
         return {"categories": out}
 
     @api.post("/v1/categories/{category}/predict", openapi_extra=_IMAGE_BODY,
-              summary="Score one image (raw bytes) or several (multipart); a list for multipart")
+              summary="Score one image (raw bytes) or several (multipart); a list for multipart. A video "
+                      "model's category takes one clip (a video file, or frames as multipart files) and "
+                      "answers per-frame scores")
     async def predict(self, category: str, request: Request,
                       with_map: bool = Query(False, alias="map", description="add anomaly_map_png (base64)")):
         body = await read_body(request.stream(), self.settings.max_body_bytes, request.headers.get("content-length"))
         multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
         files = await self._form_files(request, body) if multipart else [(None, body)]
         slot = await self._current_slot(category)
+        if clip_length_of(slot.snapshot()[0]) is not None:  # a video model: the payload is one clip
+            return await asyncio.to_thread(clip_response, slot, files, self.settings.max_image_pixels, with_map)
         arrays = await asyncio.gather(*(
             asyncio.to_thread(decode_image, data, self.settings.max_image_pixels,
                               f"file {name!r}" if name is not None else "request body")

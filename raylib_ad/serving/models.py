@@ -43,7 +43,8 @@ class ModelInfo:
 def dir_fingerprint(directory: Path) -> str:
     """Changes whenever the directory is rewritten (write_model_dir renames a new one into place)."""
     digest = hashlib.sha1()
-    for file in ("config.json", "stats.json", "weights.safetensors"):
+    # the files of a model directory, then those of an exported one (raylib-ad export)
+    for file in ("config.json", "stats.json", "weights.safetensors", "export.json", "model.onnx", "model.bin"):
         try:
             st = (directory / file).stat()
         except OSError:
@@ -138,7 +139,10 @@ class Catalog:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    try:
+        import torch
+    except ImportError:  # a server without torch serves exported models (onnxruntime / openvino) on the CPU
+        return "cpu" if device == "auto" else device
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,9 +150,13 @@ def resolve_device(device: str) -> str:
 
 
 def load_trained(info: ModelInfo, directory: Path, device: str):
-    from raylib_ad.artifact import load
-
     try:
+        if (Path(directory) / "export.json").is_file():  # exported: ExportedModel, without importing torch
+            from raylib_ad.export.runtime import ExportedModel
+
+            return ExportedModel(directory, device=device)
+        from raylib_ad.artifact import load
+
         return load(directory, device=device)
     except Exception as err:  # whatever breaks a model directory, the caller answers 503 with the reason
         raise ModelUnavailable(f"the model for category {info.category!r} ({info.name}, version {info.version}) "

@@ -68,6 +68,7 @@ def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -
     `validate=False` skips decoding every image once (a sweep validates each category once)."""
     check_options(options)
     cls = model_class(options.model)
+    check_data_kind(cls, options.data)
     category = options.resolved_category()
     kwargs = options.model_kwargs()
     if "class_name" in cls.defaults and kwargs.get("class_name") is None:
@@ -78,9 +79,9 @@ def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -
     probe = _check_model(cls, kwargs)
     table = build_manifest(options.data, options.root, category, split_file=options.split_file, seed=options.seed,
                            normal_dir=options.normal_dir, abnormal_dir=options.abnormal_dir,
-                           mask_dir=options.mask_dir)
+                           mask_dir=options.mask_dir, clip_length=cls.clip_length)
     if validate:
-        validate_manifest(table)
+        validate_manifest(table, clip_length=cls.clip_length)
     train_rows = table.filter(pc.equal(table.column("split"), "train"))
     test_rows = table.filter(pc.equal(table.column("split"), "test"))
     if train_rows.num_rows < options.workers:
@@ -98,6 +99,20 @@ def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -
                        test_rows=test_rows, val_idx=val_idx, heldout_idx=heldout_idx, model_kwargs=kwargs,
                        backbone=backbone, mean=tuple(mean), std=tuple(std),
                        batch_size=options.batch_size or max(options.workers, cls.default_batch_size or 32))
+
+
+def check_data_kind(cls: type[AnomalyModel], data: str) -> None:
+    """Video models train on video datasets (clips of frames), image models on image datasets."""
+    from raylib_ad.data import VIDEO_DATA_KINDS
+    from raylib_ad.models import list_models
+
+    if cls.clip_length is not None and data not in VIDEO_DATA_KINDS:
+        raise ConfigError(f"--model {cls.name} is a video model (clips of {cls.clip_length} frames) but --data {data} "
+                          f"is an image dataset; video datasets: {', '.join(VIDEO_DATA_KINDS)}")
+    if cls.clip_length is None and data in VIDEO_DATA_KINDS:
+        video_models = [name for name in list_models() if model_class(name).clip_length is not None]
+        raise ConfigError(f"--model {cls.name} is an image model but --data {data} is a video dataset (clips of "
+                          f"frames); video models: {', '.join(video_models) or 'none registered'}")
 
 
 def _check_model(cls: type[AnomalyModel], kwargs: dict[str, Any]) -> AnomalyModel:

@@ -75,6 +75,12 @@ class RayWorkerIO:
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
+    import os
+
+    from raylib_ad.progress import RELAY_ENV
+
+    if config.get("relay_progress"):
+        os.environ[RELAY_ENV] = "1"  # rank 0's bars become marker lines the driver's console draws
     torch.set_num_threads(config["torch_threads"])
     device = ray.train.torch.get_device()
     runner = RunnerConfig(**config["runner"])
@@ -108,10 +114,9 @@ def fit_on_ray(
     max_failures: int = 2,
     callbacks: list | None = None,
     decode_cpus: float = 0.5,
+    relay_progress: bool = False,
 ) -> RayFit:
     """Train `model` by its recipe on `workers` Ray Train workers."""
-    from ray.data import ExecutionOptions
-
     from raylib_ad.data.ray_dataset import manifest_to_dataset
 
     datasets = {}
@@ -128,7 +133,8 @@ def fit_on_ray(
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer_kwargs = dict(
         train_loop_config={"model": model, "model_kwargs": model_kwargs, "runner": asdict(runner),
-                           "has_val": val_rows is not None, "torch_threads": max(1, int(cpus_per_worker))},
+                           "has_val": val_rows is not None, "torch_threads": max(1, int(cpus_per_worker)),
+                           "relay_progress": relay_progress},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),

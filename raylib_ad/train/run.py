@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from raylib_ad.artifact import read_model, write_stats
-from raylib_ad.evaluation import score_split
+from raylib_ad.console import install_console
+from raylib_ad.evaluation import score_split, split_scoring_on_ray
 from raylib_ad.options import TrainOptions
 from raylib_ad.postprocess.report import evaluation_report, threshold_free_metrics
 from raylib_ad.tracking.mlflow_run import log_training_run
@@ -37,10 +38,14 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     run = prepare(options)  # bad options fail here, before an earlier run in --out is touched
     out = prepare_out_dir(options.out, options.overwrite)
     run.write_split_csv(out)
+    console = install_console(out / "ray.log", verbose=options.verbose, progress=options.progress)
+    print(f"[raylib_ad] Ray's own output goes to {console.log_file} (--verbose prints it too)", file=sys.stderr)
     fit = fit_on_cluster(run, out)
 
     model = read_model(fit.model_dir, device=_eval_device(options))
-    evaluation = evaluate_on_test(model, run, out, batch_size=options.scoring_batch_size, progress=options.progress)
+    with _scoring_on_cluster(options, run.test_rows.num_rows):
+        evaluation = evaluate_on_test(model, run, out, batch_size=options.scoring_batch_size,
+                                      progress=options.progress)
     report = evaluation["report"]
     metrics = {
         **evaluation["metrics"],
@@ -87,12 +92,18 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
     from raylib_ad.train.ray_train import fit_on_ray
     from raylib_ad.train.resources import cpus_per_worker
 
+    from raylib_ad.console import current as current_console
+
     o = run.options
     ensure_ray(local=o.local_ray)
+    console = current_console()
+    if console is not None:
+        console.attach_ray()
     fit = fit_on_ray(run.cls.name, run.model_kwargs, run.train_rows, run.val_rows, runner_config(run),
                      workers=o.workers, gpus_per_worker=o.gpus_per_worker,
                      cpus_per_worker=cpus_per_worker(cluster_cpus(), o.workers, o.cpus_per_worker),
-                     storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", callbacks=callbacks)
+                     storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", callbacks=callbacks,
+                     relay_progress=console is not None and o.progress)
     digests = fit.metrics.get("worker_digests")  # reported by recipes whose workers must agree bitwise
     if digests and len(set(digests)) != 1:
         raise RuntimeError(f"workers ended with different models (digests {digests}); "
@@ -117,7 +128,8 @@ def fit_and_validate(options: TrainOptions, *, callbacks: list | None = None,
     fit = fit_on_cluster(run, out, callbacks=callbacks)
     final_dir = _install_model(fit.model_dir, out)
     model = read_model(final_dir, device=_eval_device(options))
-    scored = score_split(model, run.val_rows, batch_size=options.scoring_batch_size, progress=False)
+    with _scoring_on_cluster(options, run.val_rows.num_rows):
+        scored = score_split(model, run.val_rows, batch_size=options.scoring_batch_size, progress=False)
     val = threshold_free_metrics(scored.labels.astype(bool), scored.scores, scored.masks, scored.maps, prefix="val_")
     return {"model_dir": str(final_dir), "val": val, "history": fit.history,
             "fit_seconds": fit.seconds, "worker_metrics": fit.metrics, "backbone": run.backbone,
@@ -130,7 +142,8 @@ def test_on_heldout(options: TrainOptions, model_dir: str | Path) -> dict[str, A
     does); the returned metrics carry the same names as run_training's and use only the held-out images."""
     run = prepare(options, validate=False, quiet=True)
     model = read_model(model_dir, device=_eval_device(options))
-    scored = score_split(model, run.test_rows, batch_size=options.scoring_batch_size, progress=options.progress)
+    with _scoring_on_cluster(options, run.test_rows.num_rows):
+        scored = score_split(model, run.test_rows, batch_size=options.scoring_batch_size, progress=options.progress)
     report = evaluation_report(scored.labels, scored.scores, scored.masks, scored.maps,
                                val_idx=run.val_idx, heldout_idx=run.heldout_idx)
     metrics = {**report["metrics"], "n_test_heldout": report["n_test_heldout"], "n_validation": report["n_validation"]}
@@ -139,12 +152,34 @@ def test_on_heldout(options: TrainOptions, model_dir: str | Path) -> dict[str, A
 
 
 def _install_model(fitted_dir: str | Path, out: Path) -> Path:
-    """Copy the fitted model directory out of Ray's checkpoint storage to out/model."""
+    """Move the fitted model directory out of Ray's checkpoint storage to out/model, then drop that storage:
+    once the model directory is written, Ray's checkpoints (the same model, plus optimizer states) would
+    only double the run's size on disk."""
     final_dir = out / "model"
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    shutil.copytree(fitted_dir, final_dir)
+    shutil.move(str(fitted_dir), str(final_dir))  # a rename on the same file system
+    shutil.rmtree(out / "ray_results", ignore_errors=True)
     return final_dir
+
+
+# Below this many images a split is scored in process: starting a pool of replicas (each imports torch and
+# builds the model: ~5 s on 2 cores) would cost more than the scoring itself. 0: always on the cluster.
+CLUSTER_SCORING_MIN_IMAGES = 200
+
+
+def _scoring_on_cluster(options: TrainOptions, images: int):
+    """With Ray up, a split's scoring runs on Ray Data with one model replica per training worker (the
+    resources the fit just released), not on the driver; without Ray, or for a small split, in process."""
+    import contextlib
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or images < CLUSTER_SCORING_MIN_IMAGES:
+        return contextlib.nullcontext()
+    from raylib_ad.scoring.pipeline import ReplicaPool
+
+    return split_scoring_on_ray(ReplicaPool(actors=max(1, options.workers), cpus_per_actor=options.cpus_per_worker,
+                                            gpus_per_actor=options.gpus_per_worker))
 
 
 def _eval_device(options: TrainOptions) -> str:

@@ -31,6 +31,7 @@ import torch
 from raylib_ad import distributed
 from raylib_ad.artifact import load_state_resizing, write_model_dir
 from raylib_ad.models.recipe import Collect, Optimize, main_stage
+from raylib_ad.progress import ProgressCounter
 from raylib_ad.train.extra_streams import cycle_images
 from raylib_ad.train.feature_cache import FrozenFeatureCache
 from raylib_ad.train.step_context import RunnerStepContext, loss_weight
@@ -158,8 +159,23 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
     if stage.caches_frozen and config.feature_cache_mb > 0:
         cache = FrozenFeatureCache(config.feature_cache_mb * 2**20, keep_images=stage.needs_images_with_frozen)
     extra = {s.name: cycle_images(s, config, io.rank, io.device) for s in stage.extra_streams}
-    stop_reason = None
     epoch = progress["epoch"] + 1
+    by_steps = epochs is None  # the bar counts what the budget counts
+    bar = ProgressCounter(f"{stage.name} {'steps' if by_steps else 'epochs'}", steps_budget if by_steps else epochs,
+                          enabled=config.progress and io.rank == 0, unit="step" if by_steps else "epoch")
+    bar.update(progress["steps"] if by_steps else epoch, force=True)  # a resumed run starts where it was
+    try:
+        return _epochs(model, stage, index, io, config, progress, is_main=is_main, clock=clock, epochs=epochs,
+                       steps_budget=steps_budget, specs=specs, modules=modules, best_state=best_state,
+                       worker_batch=worker_batch, use_amp=use_amp, cache=cache, extra=extra, epoch=epoch,
+                       bar=bar, by_steps=by_steps)
+    finally:
+        bar.close()
+
+
+def _epochs(model, stage, index, io, config, progress, *, is_main, clock, epochs, steps_budget, specs, modules,
+            best_state, worker_batch, use_amp, cache, extra, epoch, bar, by_steps) -> str | None:
+    stop_reason = None
     while (epochs is None or epoch < epochs) and (steps_budget is None or progress["steps"] < steps_budget):
         _maybe_fail_for_tests(config.test_hooks, epoch, io)
         seed = _mix(config.seed, io.rank, index, epoch)
@@ -207,6 +223,8 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
             with torch.autocast(device_type=io.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 stage.step(ctx)
             progress["steps"] += 1
+            if by_steps:
+                bar.update(1)
             for key, value in ctx.logged.items():
                 sums[key] = sums.get(key, 0.0) + value * local
             seen += local
@@ -242,6 +260,10 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
             model.load_state_dict(best_state)  # later stages and the saved model use the best epoch
         metrics.update(best_val_image_auroc=progress["best"], best_epoch=progress["best_epoch"],
                        stopped=stop_reason is not None)
+        shown = {"loss": metrics.get("train_loss")}
+        if not math.isnan(score):
+            shown["val_auroc"] = score
+        bar.update(0 if by_steps else 1, force=True, **{k: v for k, v in shown.items() if v is not None})
         _checkpoint(model, io, progress, metrics, specs, None if last else best_state)
         if last:
             break

@@ -22,16 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from raylib_ad.errors import ConfigError
 from raylib_ad.models import model_class
-from raylib_ad.options import CONSTRUCTION_KEYS, DEFAULT_CATEGORY, TrainOptions
+from raylib_ad.options import CONSTRUCTION_KEYS, DEFAULT_CATEGORY
+from raylib_ad.outdir import link_tree
 from raylib_ad.tuning.space import (
     Trial,
     check_space,
@@ -290,9 +290,7 @@ def _record(opts: SweepOptions, plan: dict[str, Any], rows: list[dict[str, Any]]
     for category, entry in champions.items():
         row, default = entry["row"], entry["default_row"]
         champion_dir = out / "champions" / category / "model"
-        if champion_dir.exists():
-            shutil.rmtree(champion_dir)
-        shutil.copytree(row["model_dir"], champion_dir)
+        link_tree(row["model_dir"], champion_dir)  # hard links: the champion costs no second copy on disk
         table[category] = {
             "model": row["model"], "trial": row["trial"], "params": row["params"], "layers": row.get("layers"),
             "settings": row.get("settings"), "version": state["champions"].get(category),

@@ -36,7 +36,8 @@ def harmonic_aggregation(window_scores: torch.Tensor, windows: torch.Tensor, gri
     window covers gets 0."""
     n_patches = grid[0] * grid[1]
     cover = torch.zeros(windows.shape[0], n_patches, dtype=torch.bool, device=windows.device)
-    cover.scatter_(1, windows, True)
+    # A tensor source, not the scalar True: the ONNX exporter (TorchScript) has no scatter_ with a bool value.
+    cover.scatter_(1, windows, torch.ones_like(windows, dtype=torch.bool))
     inverse = torch.where(cover.unsqueeze(0), 1.0 / window_scores.unsqueeze(-1), 0.0).sum(dim=1)  # (B, P)
     counts = cover.sum(dim=0).to(window_scores.dtype)
     patch_scores = (counts / inverse).nan_to_num(nan=0.0, posinf=0.0)
