@@ -128,9 +128,12 @@ class TrainedModel:
     def predict(self, images: Iterable, with_maps: bool = False) -> list[dict[str, Any]]:
         """One dict per image with the PREDICTION_FIELDS: score (raw), normalized_score (0.5 = threshold),
         is_anomalous (score >= threshold), threshold; the last three are None without stats.json. With
-        with_maps also anomaly_map and normalized_map as numpy arrays (None if the model has none)."""
-        batch = self.preprocess(list(images)).to(self.model.device)
+        with_maps also anomaly_map and normalized_map as numpy arrays (None if the model has none). Region
+        models (R-KDE) add boxes: [{"box": [x1, y1, x2, y2], "score": raw box score}] in the image's pixels."""
+        images = list(images)
+        batch = self.preprocess(images).to(self.model.device)
         out = self.model(batch)
+        sizes = [_size_of(item) for item in images] if getattr(out, "boxes", None) is not None else None
         results = []
         for i, score in enumerate(out.score.float().cpu().tolist()):
             item: dict[str, Any] = {"score": score, "normalized_score": None, "is_anomalous": None,
@@ -139,6 +142,8 @@ class TrainedModel:
                 item["normalized_score"] = float(normalize(score, self.image_stats))
                 item["is_anomalous"] = bool(score >= self.image_stats.threshold)
                 item["threshold"] = self.image_stats.threshold
+            if getattr(out, "boxes", None) is not None:  # region models (R-KDE): the boxes behind the score
+                item["boxes"] = _boxes_json(out.boxes[i], out.box_scores[i], self.image_size, sizes[i])
             if with_maps:
                 amap = None if out.anomaly_map is None else out.anomaly_map[i].float().cpu().numpy()
                 item["anomaly_map"] = amap
@@ -146,6 +151,27 @@ class TrainedModel:
                 item["normalized_map"] = None if amap is None or stats is None else normalize(amap, stats)
             results.append(item)
         return results
+
+
+def _size_of(item) -> tuple[int, int]:
+    """(width, height) of an image path or array, as given (before the resize to the model's input)."""
+    if isinstance(item, (str, os.PathLike)):
+        from PIL import Image
+
+        with Image.open(item) as im:
+            return im.size
+    array = np.asarray(item)
+    return int(array.shape[1]), int(array.shape[0])
+
+
+def _boxes_json(boxes: torch.Tensor, scores: torch.Tensor, input_size: int, size: tuple[int, int]) -> list[dict]:
+    """Boxes (x1, y1, x2, y2 in the model's S x S input) -> [{"box": [x1, y1, x2, y2], "score"}] in the
+    pixels of the image as given, highest score first."""
+    sx, sy = size[0] / input_size, size[1] / input_size
+    scale = torch.tensor([sx, sy, sx, sy])
+    items = [{"box": [round(float(v), 1) for v in (box.float().cpu() * scale)], "score": float(score)}
+             for box, score in zip(boxes, scores)]
+    return sorted(items, key=lambda item: -item["score"])
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, tracking_uri: str | None = None

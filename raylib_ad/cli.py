@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="the highest threshold flagging at least R of the anomalous validation images")
     goal.add_argument("--target-fpr", type=float, metavar="F",
                       help="the lowest threshold flagging at most F of the normal validation images")
+    goal.add_argument("--label-free", type=float, nargs="?", const=1.0, metavar="EPSILON",
+                      help="the model's own threshold, which needs no labels (U-Flow with --set "
+                           "anomaly_map_mode=nfa: -log10 NFA > -log10 EPSILON, default EPSILON 1: one false "
+                           "detection expected per image); image and pixel decisions")
     threshold.add_argument("--experiment", default="raylib_ad",
                            help="MLflow experiment of the run behind a new registry version")
 
@@ -179,7 +183,8 @@ def _evaluate(args) -> int:
 def _threshold(args) -> int:
     from raylib_ad.train.evaluate import run_threshold
 
-    result = run_threshold(_evaluation_options(args), target_recall=args.target_recall, target_fpr=args.target_fpr)
+    result = run_threshold(_evaluation_options(args), target_recall=args.target_recall, target_fpr=args.target_fpr,
+                           label_free=args.label_free)
     print(json.dumps(result))
     return 0
 
@@ -223,6 +228,8 @@ def _predict_in_process(trained, paths: list[str], args) -> int:
         for path, result in zip(batch, trained.predict(batch, with_maps=maps_dir is not None)):
             # The same field names as TrainedModel.predict and the HTTP API (README.md, "Outputs").
             line = {"path": path, **{name: result[name] for name in PREDICTION_FIELDS}}
+            if "boxes" in result:
+                line["boxes"] = result["boxes"]
             if maps_dir is not None and result.get("normalized_map") is not None:
                 png = maps_dir / f"{Path(path).stem}_map.png"
                 png.write_bytes(anomaly_map_png(result["normalized_map"], vmin=0.0, vmax=1.0))

@@ -201,3 +201,36 @@ def test_goal_thresholds_are_the_extreme_ones_meeting_the_goal():
         recall_threshold(labels, scores, 0)
     with pytest.raises(DataError, match="no anomalous validation images"):
         recall_threshold(labels[:4], scores[:4], 0.9)
+
+
+def test_label_free_threshold_for_uflow_nfa_needs_no_labels(synthetic_root, tmp_path, capsys):
+    """U-Flow's a-contrario threshold (-log10 NFA > -log10 epsilon) offered beside the goal thresholds: written
+    for image and pixel decisions without looking at any label; a model without one is refused by name."""
+    import math
+
+    import torch
+
+    from raylib_ad.artifact import write_model_dir
+    from raylib_ad.models import create_model
+    from raylib_ad.postprocess.normalization import NormalizationStats, normalize
+    from raylib_ad.train.in_process import fit_in_process
+    from raylib_ad.train.prepare import prepare
+
+    torch.manual_seed(0)
+    options = _options(synthetic_root)
+    run = prepare(options, quiet=True)
+    kwargs = {**run.model_kwargs, "flow_steps": 2, "affine_subnet_channels_ratio": 0.5, "anomaly_map_mode": "nfa"}
+    model = fit_in_process(create_model("uflow", **kwargs), run.train_rows, batch_size=8, max_epochs=1).model
+    directory = write_model_dir(model, tmp_path / "uflow")
+    result = _run(capsys, "threshold", "--model", str(directory), "--data", "synthetic", "--root",
+                  str(synthetic_root), "--category", "widget", "--label-free", "0.01")
+    assert result["threshold"] == pytest.approx(-math.log10(0.01)) and result["goal"] == {"label_free_epsilon": 0.01}
+    stats = json.loads((directory / "stats.json").read_text())
+    assert stats["threshold_method"] == "nfa" and stats["pixel_threshold_method"] == "nfa"
+    for key in ("image_stats", "pixel_stats"):
+        assert normalize(2.0, NormalizationStats.from_dict(stats[key])) == pytest.approx(0.5)
+
+    padim = write_model_dir(create_model("padim", **run.model_kwargs), tmp_path / "padim")
+    assert main(["threshold", "--model", str(padim), "--data", "synthetic", "--root", str(synthetic_root),
+                 "--category", "widget", "--label-free", "--no-progress"]) == 2
+    assert "padim has no label-free threshold" in capsys.readouterr().err

@@ -224,3 +224,26 @@ def test_two_workers_fit_the_single_process_model(monkeypatch, cap):
     for model in models:
         for key in ("pca.mean", "pca.components", "kde.dataset", "kde.whiten", "kde.log_norm", "max_length"):
             assert torch.allclose(model.state_dict()[key], expected[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_predictions_carry_the_boxes_in_the_images_own_pixels(fitted):
+    """TrainedModel.predict (and so `raylib-ad predict` and the HTTP API) gives R-KDE's boxes with their
+    scores, scaled from the model's input back to each image's size, highest score first."""
+    import numpy as np
+
+    from raylib_ad.artifact import TrainedModel
+    from raylib_ad.serving.models import ModelInfo
+    from raylib_ad.serving.responses import prediction_response
+
+    trained = TrainedModel(fitted, None)
+    wide = (np.random.default_rng(0).random((SIZE, 2 * SIZE, 3)) * 255).astype(np.uint8)  # W = 2 x input
+    (result,) = trained.predict([wide])
+    with torch.no_grad():
+        out = fitted(trained.preprocess([wide]))
+    assert len(result["boxes"]) == len(out.boxes[0]) > 0
+    expected = sorted(zip(out.box_scores[0].tolist(), out.boxes[0].tolist()), key=lambda pair: -pair[0])
+    for item, (score, (x1, y1, x2, y2)) in zip(result["boxes"], expected):
+        assert item["score"] == pytest.approx(score)
+        assert item["box"] == pytest.approx([2 * x1, y1, 2 * x2, y2], abs=0.1)
+    info = ModelInfo(category="c", source="model_dir", name="rkde", version="abc", location="/m")
+    assert prediction_response(result, info)["boxes"] == result["boxes"]

@@ -48,6 +48,13 @@ def test_sweep_registers_one_champion_per_category_and_lists_every_trial(sweep):
         assert (out / "champions" / category / "model" / "stats.json").is_file()
         stats = json.loads((out / "champions" / category / "model" / "stats.json").read_text())
         assert stats["metrics"]["image_auroc"] == pytest.approx(entry["test"]["image_auroc"])
+        # the registered champion loads (its run carries the model) and is the champion directory's model
+        import raylib_ad
+
+        loaded = raylib_ad.load(f"models:/raylib_ad-synthetic-{category}@champion", tracking_uri=uri)
+        assert loaded.name == entry["model"] and loaded.stats["image_stats"] == stats["image_stats"]
+        # one copy on disk: the champion directory hard-links its trial's files
+        assert (out / "champions" / category / "model" / "weights.safetensors").stat().st_nlink >= 2
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("raylib_ad")

@@ -161,6 +161,12 @@ def test_synthetic_manifest_clips_and_decoding(synthetic, frame_cache):
     assert batch["image"].shape == (4, 3, 3, 32, 32) and batch["mask"].shape == (4, 32, 32)
     expected = normalize(np.stack([load_image(p, 32) for p in rows[1]["clip"]]), (0.0,) * 3, (1.0,) * 3)
     np.testing.assert_array_equal(batch["image"][1], expected)
+    # every clip says which video it comes from (AI-VAD's leave-one-video-out kNN normalization)
+    videos = next(decode_all(table, 32, (0.0,) * 3, (1.0,) * 3, batch_size=table.num_rows))["video"]
+    folders = [str(Path(r["path"]).parent) for r in rows]
+    assert len(set(videos.tolist())) == len(set(folders)) == 6
+    assert all((videos[i] == videos[j]) == (folders[i] == folders[j]) for i in range(0, len(rows), 7)
+               for j in range(0, len(rows), 5))
 
 
 def test_video_file_decodes_once_into_the_cache(tmp_path, frame_cache, monkeypatch):

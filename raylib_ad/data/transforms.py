@@ -93,8 +93,10 @@ class BatchDecoder:
         paths = list(batch["path"])
         size = self.image_size
         clips = batch.get("clip") if hasattr(batch, "get") else None
+        videos = None
         if clips is not None:
             pixels = self._clips(clips)
+            videos = np.asarray([video_id(clip[-1]) for clip in clips], dtype=np.int64)
         else:
             images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
             for i, path in enumerate(paths):
@@ -104,6 +106,8 @@ class BatchDecoder:
             "image": pixels,
             "label": np.asarray(batch["label"], dtype=np.int64).reshape(len(paths)),
         }
+        if videos is not None:
+            out["video"] = videos
         if self.with_masks:
             mask_paths = batch.get("mask_path")
             if mask_paths is None:
@@ -132,6 +136,17 @@ class BatchDecoder:
                 frames[i, j] = decoded[path]
         flat = normalize(frames.reshape(-1, size, size, 3), self.mean, self.std)
         return flat.reshape(len(clips), length, 3, size, size)
+
+
+def video_id(frame_path) -> int:
+    """A stable 63-bit id of the video a frame belongs to: its folder (one folder of frames per video, as
+    the layouts and the frame cache store them). AI-VAD leaves a region's own video out of its kNN
+    normalization, as anomalib does."""
+    import hashlib
+    import os
+
+    folder = os.path.dirname(os.path.abspath(str(frame_path)))
+    return int.from_bytes(hashlib.blake2b(folder.encode(), digest_size=8).digest(), "big") >> 1
 
 
 def decode_all(

@@ -23,6 +23,8 @@ def prediction_response(prediction: dict[str, Any], info: ModelInfo, with_map: b
         "threshold": _float_or_none(prediction.get("threshold")),
         "model": info.public(),
     })
+    if "boxes" in prediction:  # region models (R-KDE): the boxes behind the score, in the image's pixels
+        out["boxes"] = prediction["boxes"]
     if with_map:
         out["anomaly_map_png"] = map_png_base64(prediction)
     return out

@@ -231,32 +231,51 @@ def goal_warnings(n_anomalous: int, n_normal: int, target_recall: float | None) 
 
 
 def run_threshold(opts: EvaluationOptions, *, target_recall: float | None = None,
-                  target_fpr: float | None = None) -> dict[str, Any]:
+                  target_fpr: float | None = None, label_free: float | None = None) -> dict[str, Any]:
     """Fit the image threshold for the goal on the validation images and write it with the model (a
     directory: its stats.json; a registry model: a new version, the alias it was named by moved to it).
+    `label_free=epsilon` takes the model's own label-free threshold instead (U-Flow with
+    anomaly_map_mode=nfa: -log10 NFA > -log10 epsilon, no labels used), for image and pixel decisions.
     Returns what `raylib-ad threshold` prints."""
     from raylib_ad.artifact import read_model, write_stats
     from raylib_ad.evaluation import score_split
     from raylib_ad.postprocess.threshold import fit_goal_threshold
     from raylib_ad.train.prepare import prepare
 
-    if (target_recall is None) == (target_fpr is None):
-        raise ConfigError("give exactly one goal: --target-recall R or --target-fpr F")
+    if sum(goal is not None for goal in (target_recall, target_fpr, label_free)) != 1:
+        raise ConfigError("give exactly one goal: --target-recall R, --target-fpr F or --label-free")
     source = resolve_model(opts.model, opts.tracking_uri)
     options = train_options(opts, source)
-    run = prepare(options)
     model = read_model(source.directory, device=_device(opts.device))
+    label_free_threshold = None
+    if label_free is not None:
+        find = getattr(model, "label_free_threshold", None)
+        label_free_threshold = find(label_free) if find is not None else None
+        if label_free_threshold is None:
+            raise ConfigError(f"{model.name} has no label-free threshold; U-Flow trained with "
+                              "--set anomaly_map_mode=nfa has one (-log10 NFA, the U-Flow paper's a contrario test)")
+    run = prepare(options)
     scored = score_split(model, run.test_rows, batch_size=opts.batch_size, progress=opts.progress)
     val, held = run.val_idx, run.heldout_idx
-    threshold, method = fit_goal_threshold(scored.labels[val], scored.scores[val], target_recall=target_recall,
-                                           target_fpr=target_fpr)
+    if label_free_threshold is not None:
+        threshold, method = float(label_free_threshold), "nfa"
+    else:
+        threshold, method = fit_goal_threshold(scored.labels[val], scored.scores[val], target_recall=target_recall,
+                                               target_fpr=target_fpr)
     validation = _rates(scored.labels[val], scored.scores[val], threshold)
     heldout = _rates(scored.labels[held], scored.scores[held], threshold)
-    warnings = goal_warnings(validation["n_anomalous"], validation["n_normal"], target_recall)
-    goal = {key: value for key, value in (("target_recall", target_recall), ("target_fpr", target_fpr))
-            if value is not None}
+    warnings = [] if label_free is not None else goal_warnings(validation["n_anomalous"], validation["n_normal"],
+                                                                target_recall)
+    goal = {key: value for key, value in (("target_recall", target_recall), ("target_fpr", target_fpr),
+                                          ("label_free_epsilon", label_free)) if value is not None}
     previous = ((source.stats or {}).get("image_stats") or {}).get("threshold")
     stats = _stats_with_threshold(source, run, options, scored, threshold, method)
+    if label_free is not None and scored.maps is not None:
+        # Pixels are decided by the same test: the map normalization puts the NFA threshold at 0.5 too.
+        from raylib_ad.postprocess.normalization import fit_normalization
+
+        stats["pixel_stats"] = fit_normalization(scored.maps[val], threshold).to_dict()
+        stats["pixel_threshold_method"] = method
     stats["threshold_goal"] = {**goal, "data": options.data, "category": run.category, "seed": options.seed,
                                "val_fraction": options.val_fraction, "validation": validation, "heldout": heldout,
                                "previous_threshold": previous}

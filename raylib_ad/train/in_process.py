@@ -33,7 +33,8 @@ class InProcessIO:
                 yield self._train[start : start + batch_size]
             return
         for batch in self._decoded(self._train, batch_size, with_masks=False):
-            yield torch.from_numpy(batch["image"])
+            images = torch.from_numpy(batch["image"])
+            yield {"image": images, "video": torch.from_numpy(batch["video"])} if "video" in batch else images
 
     def val_batches(self, batch_size: int):
         if self._val is None:

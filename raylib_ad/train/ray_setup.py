@@ -44,6 +44,9 @@ def ensure_ray(num_cpus: int | None = None, *, local: bool = False) -> RaySessio
               f"{hint}", file=sys.stderr)
         return session
     env_address = os.environ.pop("RAY_ADDRESS", None) if local else None
+    # A private local Ray has no preemptible nodes: Ray Train's PreemptionWatcher actor (one more process
+    # to start per run) watches for nothing. The raylet started here passes this to every Ray process.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
         # address="local" always starts a new instance, even beside a `ray start` cluster.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,

@@ -49,11 +49,12 @@ class RayWorkerIO:
         self._prefetch = prefetch_batches
         self._has_val = has_val
 
-    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         shard = ray.train.get_dataset_shard(f"train_{self.rank}")
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=self.device,
                                               prefetch_batches=self._prefetch):
-            yield batch["image"]
+            # Video data also says which video each clip comes from (a Collect stage may use it).
+            yield {"image": batch["image"], "video": batch["video"]} if "video" in batch else batch["image"]
 
     def val_batches(self, batch_size: int):
         if not self._has_val:

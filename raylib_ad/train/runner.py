@@ -46,8 +46,9 @@ class WorkerIO(Protocol):
     world_size: int
     device: torch.device
 
-    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """This worker's training images, on its device, in a fixed order."""
+    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        """This worker's training images, on its device, in a fixed order; for video data a dict of the
+        clips ("image") and their video ids ("video")."""
 
     def val_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]] | None:
         """This worker's validation images ("image", "label", "mask"), or None without a validation set."""
@@ -133,7 +134,7 @@ def _recipe(model, config: RunnerConfig):
 def _collect(model, stage: Collect, io: WorkerIO, config: RunnerConfig) -> None:
     model.eval()
     worker_batch = max(1, config.batch_size // io.world_size)
-    batches = (images.to(io.device) for images in io.train_batches(worker_batch))
+    batches = (_on_device(item, io.device) for item in io.train_batches(worker_batch))
     with torch.no_grad():
         stage.run(batches, config.progress and io.rank == 0)
 
@@ -187,7 +188,7 @@ def _epochs(model, stage, index, io, config, progress, *, is_main, clock, epochs
         if from_cache:
             batches = cache.batches(worker_batch, torch.Generator().manual_seed(seed))
         else:
-            batches = ((images.to(io.device), None) for images in io.train_batches(worker_batch))
+            batches = ((_images(item).to(io.device), None) for item in io.train_batches(worker_batch))
         epoch_start = time.perf_counter()
         sums, seen, waited, standin = {}, 0, 0.0, None
         while steps_budget is None or progress["steps"] < steps_budget:
@@ -272,6 +273,15 @@ def _epochs(model, stage, index, io, config, progress, *, is_main, clock, epochs
 
 
 # --- pieces -----------------------------------------------------------------------------------------
+
+
+def _on_device(item, device):
+    return {k: v.to(device) for k, v in item.items()} if isinstance(item, dict) else item.to(device)
+
+
+def _images(item) -> torch.Tensor:
+    """The images of a training batch (video data comes with its video ids, which Optimize stages ignore)."""
+    return item["image"] if isinstance(item, dict) else item
 
 
 def _wrap_for_ddp(module: torch.nn.Module, io: WorkerIO) -> torch.nn.Module:

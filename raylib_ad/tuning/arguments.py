@@ -52,6 +52,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default="raylib_ad", help="MLflow experiment name")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--verbose", action="store_true", help="print Ray's and Tune's own output as well (it "
+                        "always goes to OUT/ray.log)")
     parser.add_argument("--local-ray", action="store_true",
                         help="start a private local Ray even when a cluster runs on this machine (default: join it)")
 

@@ -76,8 +76,25 @@ class LastResultCallback(tune.Callback):
     stopped early by ASHA still shows the epoch and validation AUROC it reached, whatever loggers Tune
     has switched on."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, total: int | None = None, progress: bool = False):
         self.out = out
+        self._bar = None
+        if progress:
+            from raylib_ad.progress import ProgressCounter
+
+            self._bar = ProgressCounter("sweep trials", total, unit="trial")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def on_experiment_end(self, trials, **info):
+        if self._bar is not None:
+            self._bar.close()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         path = trial_dir(self.out, trial.config["trial"]["key"]) / LAST_RESULT_FILE

@@ -108,6 +108,11 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
         prepare(replace(opts.base, model=models[0], category=category), validate=True)
     out.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(plan, indent=2))
+    from raylib_ad.console import install_console
+
+    console = install_console(out / "ray.log", verbose=opts.base.verbose, progress=opts.base.progress)
+    print(f"[raylib_ad] Ray's and Tune's own output goes to {console.log_file} (--verbose prints it too)",
+          file=sys.stderr)
     print(f"[raylib_ad] sweep: {len(trials)} trials ({len(categories)} categories x {len(models)} models x "
           f"{opts.num_samples} samples) -> {out}", file=sys.stderr)
 
@@ -137,6 +142,11 @@ def _tune(opts: SweepOptions, trials: list[Trial], out: Path) -> dict[str, dict[
 
     ensure_ray(local=opts.base.local_ray)
     import ray
+
+    from raylib_ad.console import current as current_console
+
+    if current_console() is not None:
+        current_console().attach_ray()
 
     total_cpus = cluster_cpus()
     workers = opts.base.workers
@@ -177,8 +187,9 @@ def _tune(opts: SweepOptions, trials: list[Trial], out: Path) -> dict[str, dict[
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: t.config["trial"]["key"]),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=str(out / "tune"),
-                                      verbose=1 if opts.base.progress else 0,
-                                      callbacks=[LastResultCallback(str(out))],
+                                      # The trials bar (LastResultCallback) replaces Tune's status tables.
+                                      verbose=1 if opts.base.verbose else 0,
+                                      callbacks=[LastResultCallback(str(out), len(trials), opts.base.progress)],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
@@ -333,9 +344,11 @@ def _log_mlflow(opts, plan, rows, champions, state, save) -> None:
     for row in rows:
         if row["trial"] in state["trial_runs"]:
             continue
-        tested = any(k.startswith("test_") for k in row)
+        # Scored on the held-out images (each model's best and default trial): those carry the model, so
+        # that a registered champion can be loaded (models:/...); the others log metrics only.
+        tested = "n_test_heldout" in row
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and (k.startswith(("val_", "test_")) or k in ("fit_seconds", "trial_seconds", "epochs"))}
+                   and (k.startswith("val_") or k in HELDOUT_KEYS or k in ("fit_seconds", "trial_seconds", "epochs"))}
         run_id = log_training_run(
             experiment=opts.base.experiment, run_name=row["trial"], parent_run_id=parent,
             params={"category": row["category"], "model": row["model"], "trial": row["trial"],

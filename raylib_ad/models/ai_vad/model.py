@@ -63,7 +63,8 @@ class AiVad(AnomalyModel):
     and smoke runs only (pretrained is ignored: no such weights exist). With random detectors the regions
     come from the frame difference (enable_foreground_detections).
 
-    Training batches may be tensors, or dicts {"image": tensor, "video": [ids]}: with video ids the kNN
+    Training batches may be tensors, or dicts {"image": tensor, "video": ids} (what the video data path
+    yields: the id of each clip's frame folder, raylib_ad.data.transforms.video_id): with video ids the kNN
     normalization leaves out each region's whole video as anomalib does; without, each clip is its own group.
     """
 
@@ -239,6 +240,8 @@ def box_map(boxes: torch.Tensor, scores: torch.Tensor, size: tuple[int, int]) ->
 
 def _group_key(item: Any) -> int:
     """A 63-bit id of a region's group: its video id when given, else the clip's pixel bytes."""
+    if isinstance(item, torch.Tensor) and item.numel() == 1 and not item.is_floating_point():
+        return int(item) & ((1 << 63) - 1)  # a video id (raylib_ad.data.transforms.video_id) as it is
     data = item.detach().to("cpu", torch.float32).contiguous().numpy().tobytes() if isinstance(
         item, torch.Tensor) else str(item).encode()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
