@@ -58,9 +58,12 @@ class ModelReplica:
     def __init__(self, payload: Any, *, mode: str = "predict", device: str = "cpu", threads: int | None = None,
                  with_maps: bool = False, map_dtype: str = "float16"):
         if threads:
-            import torch
-
-            torch.set_num_threads(int(threads))
+            try:
+                import torch
+            except ImportError:  # a replica serving an exported model may run without torch
+                torch = None
+            if torch is not None:
+                torch.set_num_threads(int(threads))
         if not isinstance(payload, dict):  # an ObjectRef: the model's bytes, put once by the driver
             import ray
 
