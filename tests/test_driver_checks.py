@@ -25,7 +25,16 @@ def train(root, tmp_path, *extra):
     (["--workers", "1000"], ["--workers 1000", "at most"]),
     (["--set", "n_features=100000"], ["n_features", "[1,"]),
 ])
-def test_bad_options_fail_in_one_line_before_ray(synthetic_root, tmp_path, capsys, extra, words):
+def test_bad_options_fail_in_one_line_before_ray(synthetic_root, tmp_path, capsys, monkeypatch, extra, words):
+    import ray
+
+    from raylib_ad.train import ray_setup
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run that bad options should have stopped")
+
+    monkeypatch.setattr(ray_setup, "ensure_ray", no_ray)
+    was_up = ray.is_initialized()  # another test module may hold the session's Ray cluster
     code = main(train(synthetic_root, tmp_path, *extra))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -33,6 +42,4 @@ def test_bad_options_fail_in_one_line_before_ray(synthetic_root, tmp_path, capsy
     for word in words:
         assert word in message, message
     assert not (tmp_path / "run").exists()  # nothing written, no earlier run touched
-    import ray
-
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == was_up
