@@ -36,14 +36,19 @@ def score_split_on_ray(model, table: pa.Table, *, batch_size: int = 32, progress
             ds = split_dataset(table, ray.put(model_payload(model)), image_size=size, mean=cfg["mean"],
                                std=cfg["std"], batch_size=batch_size, pool=pool or ReplicaPool(),
                                map_dtype=map_dtype)
+            from raylib_ad.progress import ProgressCounter
+
+            bar = ProgressCounter("scoring", n, enabled=progress, unit="img")  # Ray Data's own bars may be off
             with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="numpy"))) as stream:
                 for batch in stream:
                     idx = np.asarray(batch["index"], dtype=np.int64)
+                    bar.update(len(idx))
                     scores[idx] = batch["score"]
                     masks[idx] = batch["mask"]
                     if maps is not None:
                         maps[idx] = decode_maps(batch["map"], batch["map_scale"])
                     seen[idx] = True
+            bar.close()
     if not seen.all():
         raise RuntimeError(f"Ray scoring returned {int(seen.sum())} of {n} rows")
     seconds = time.perf_counter() - start
