@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--local-ray", action="store_true", help="--out: start a private local Ray even when a "
                          "cluster is running")
     predict.add_argument("--no-progress", dest="progress", action="store_false")
+    predict.add_argument("--verbose", action="store_true", help="--out: print Ray's own output too (it always goes "
+                         "to FILE.parquet.ray.log)")
 
     sub.add_parser("models", help="list the available models")
 
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(serve)
 
     args = parser.parse_args(argv)
+    from raylib_ad.console import current as current_console
+
+    earlier = current_console()  # a console this command installs is closed when it ends
     try:
         if args.command == "serve":
             from raylib_ad.serving.cli import run_serve
@@ -107,21 +112,26 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_sweep(args)
     except RaylibADError as err:
-        _print_ray_log_tail()
+        _print_ray_log_tail(earlier)
         print(f"raylib-ad: error: {err}", file=sys.stderr)
         return 2
     except BaseException:
-        _print_ray_log_tail()
+        _print_ray_log_tail(earlier)
         raise
+    finally:
+        console = current_console()
+        if console is not None and console is not earlier:
+            console.close()
     return 1
 
 
-def _print_ray_log_tail(lines: int = 30) -> None:
-    """On failure, the end of Ray's own output (workers, Ray Train), which the quiet console kept in a file."""
+def _print_ray_log_tail(earlier=None, lines: int = 30) -> None:
+    """On failure, the end of Ray's own output (workers, Ray Train), which the quiet console of this command
+    kept in a file."""
     from raylib_ad.console import current
 
     console = current()
-    if console is None or console.verbose:
+    if console is None or console is earlier or console.verbose:
         return
     tail = console.tail(lines)
     if tail:
@@ -205,7 +215,12 @@ def _predict(args) -> int:
     from raylib_ad.train.ray_setup import ensure_ray
 
     trained = load(args.model)  # fails here on a bad model, before Ray starts
+    from raylib_ad.console import install_console
+
+    # Ray's own output (Ray Data, the replicas) beside the Parquet file; the console keeps the bar and summary.
+    console = install_console(Path(f"{args.out}.ray.log"), verbose=args.verbose, progress=args.progress)
     ensure_ray(local=args.local_ray)
+    console.attach_ray()
     pool = ReplicaPool(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
     summary = score_to_parquet(trained, paths, args.out, maps_dir=args.maps, pool=pool, batch_size=args.batch_size,
                                progress=args.progress)

@@ -78,7 +78,7 @@ def predict_dataset(paths: list[str], payload_ref, *, image_size: int, batch_siz
     ds = ds.map_batches(decode_paths, fn_kwargs={"image_size": int(image_size)}, batch_size=batch_size,
                         batch_format="numpy", num_cpus=DECODE_CPUS, udf_modifying_row_count=False)
     return ds.map_batches(ModelReplica, batch_size=batch_size, batch_format="numpy",
-                          fn_constructor_args=([payload_ref],),  # nested: see ModelReplica
+                          fn_constructor_args=(payload_ref,),
                           fn_constructor_kwargs={"mode": "predict", "with_maps": with_maps, **pool.replica_kwargs()},
                           udf_modifying_row_count=False, **pool.remote_args())
 
@@ -101,7 +101,7 @@ def split_dataset(table: pa.Table, payload_ref, *, image_size: int, mean, std, b
                                                    "std": tuple(std)},
                         batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_CPUS, udf_modifying_row_count=False)
     return ds.map_batches(ModelReplica, batch_size=batch_size, batch_format="numpy",
-                          fn_constructor_args=([payload_ref],),  # nested: see ModelReplica
+                          fn_constructor_args=(payload_ref,),
                           fn_constructor_kwargs={"mode": "split", "map_dtype": map_dtype, **pool.replica_kwargs()},
                           udf_modifying_row_count=False, **pool.remote_args())
 

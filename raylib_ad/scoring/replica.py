@@ -64,14 +64,7 @@ class ModelReplica:
                 torch = None
             if torch is not None:
                 torch.set_num_threads(int(threads))
-        if isinstance(payload, list):
-            # [ObjectRef]: the model's bytes, put once by the driver. Nested in a list so that Ray does not
-            # resolve it as a constructor argument: an actor pool (max_restarts > 0) with top-level arguments
-            # in the object store makes Ray's core print a warning on the driver's stderr at every start.
-            import ray
-
-            payload = ray.get(payload[0])
-        elif not isinstance(payload, dict):  # an ObjectRef given directly
+        if not isinstance(payload, dict):  # an ObjectRef: the model's bytes, put once by the driver
             import ray
 
             payload = ray.get(payload)

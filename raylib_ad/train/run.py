@@ -73,6 +73,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
             metrics["mlflow_run_id"] = run_id
             _write_metrics(out, metrics, evaluation["at_threshold"])
     print(summary_table(run.cls.name, run.category, metrics), file=sys.stderr)
+    console.close()  # on failure it stays, so that the CLI can print the end of Ray's log
     return metrics
 
 

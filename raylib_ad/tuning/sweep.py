@@ -125,6 +125,7 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
                            f"run the same command again to resume")
     champions = _select_and_test(opts, rows, out)
     result = _record(opts, plan, rows, champions, out, time.perf_counter() - start)
+    console.close()
     return result
 
 
