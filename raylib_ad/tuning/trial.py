@@ -39,6 +39,21 @@ def trial_options(base: TrainOptions, trial: dict[str, Any], out: str | Path) ->
                    settings=settings, out=str(trial_dir(out, trial["key"])), mlflow=False, progress=False)
 
 
+RECORD_ONLY = ("params", "backbone", "layers", "settings", "history", "epochs")  # result.json, not reported
+
+
+def _finished_record(directory: Path, key: str) -> dict[str, Any] | None:
+    """The trial's result.json when it finished earlier (its model directory still there), else None."""
+    try:
+        record = json.loads((directory / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    model_dir = Path(str(record.get("model_dir", "")))
+    if record.get("trial_key") != key or not (model_dir / "config.json").is_file():
+        return None
+    return record
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable. config: {"trial": Trial.to_dict(), "base": TrainOptions dict, "out": DIR}."""
     import ray
@@ -54,6 +69,11 @@ def run_trial(config: dict[str, Any]) -> None:
     options = trial_options(TrainOptions(**config["base"]), trial, config["out"])
     directory = Path(options.out)
     directory.mkdir(parents=True, exist_ok=True)
+    done = _finished_record(directory, trial["key"])
+    if done is not None:
+        # Finished before an interruption that came before Tune saved its state: report, do not refit.
+        tune.report({k: v for k, v in done.items() if k not in RECORD_ONLY})
+        return
     with open(directory / STARTS_FILE, "a") as log:  # one line per start: proves a resume re-ran nothing
         log.write(f"{time.time():.3f}\n")
     callbacks = None
