@@ -166,110 +166,102 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                           enabled=config.progress and io.rank == 0, unit="step" if by_steps else "epoch")
     bar.update(progress["steps"] if by_steps else epoch, force=True)  # a resumed run starts where it was
     try:
-        return _epochs(model, stage, index, io, config, progress, is_main=is_main, clock=clock, epochs=epochs,
-                       steps_budget=steps_budget, specs=specs, modules=modules, best_state=best_state,
-                       worker_batch=worker_batch, use_amp=use_amp, cache=cache, extra=extra, epoch=epoch,
-                       bar=bar, by_steps=by_steps)
+        stop_reason = None
+        while (epochs is None or epoch < epochs) and (steps_budget is None or progress["steps"] < steps_budget):
+            _maybe_fail_for_tests(config.test_hooks, epoch, io)
+            seed = _mix(config.seed, io.rank, index, epoch)
+            generator = torch.Generator(device=io.device).manual_seed(seed)
+            model.eval()  # frozen parts stay in eval mode; the stage's trainable modules train
+            for module in stage.modules.values():
+                module.train()
+            from_cache = cache is not None and cache.ready
+            if from_cache:
+                batches = cache.batches(worker_batch, torch.Generator().manual_seed(seed))
+            else:
+                batches = ((_images(item).to(io.device), None) for item in io.train_batches(worker_batch))
+            epoch_start = time.perf_counter()
+            sums, seen, waited, standin = {}, 0, 0.0, None
+            while steps_budget is None or progress["steps"] < steps_budget:
+                ask = time.perf_counter()
+                item = next(batches, None)  # time spent here is time the step waited for data
+                waited += time.perf_counter() - ask
+                local = 0 if item is None else _count(item)
+                total = local
+                if io.world_size > 1:  # all workers agree on whether anyone still has data, and on the count
+                    agreed = distributed.all_reduce_sum(torch.tensor([float(item is not None), float(local)]))
+                    if agreed[0] == 0:
+                        break
+                    total = int(agreed[1])
+                elif item is None:
+                    break
+                if item is None:  # this worker's shard is used up: join the step with weight 0
+                    item = standin
+                images, frozen = item
+                if cache is not None and not from_cache:
+                    frozen = _frozen_features(stage, images, use_amp)
+                    cache.add(images, frozen)
+                standin = (None if images is None else images[:1],
+                           None if frozen is None else {k: v[:1] for k, v in frozen.items()})
+                batch = {"image": images}
+                if frozen is not None:
+                    batch["frozen"] = frozen
+                if stage.augment is not None:
+                    batch = stage.augment(batch, generator)
+                ctx = RunnerStepContext(batch=batch, modules=modules, optimizers=specs, extra=extra, epoch=epoch,
+                                        step=progress["steps"], generator=generator, use_amp=use_amp,
+                                        total_steps=steps_budget,
+                                        weight=loss_weight(stage.loss_reduction, local, total, io.world_size))
+                with torch.autocast(device_type=io.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    stage.step(ctx)
+                progress["steps"] += 1
+                if by_steps:
+                    bar.update(1)
+                for key, value in ctx.logged.items():
+                    sums[key] = sums.get(key, 0.0) + value * local
+                seen += local
+            if cache is not None and not cache.ready:
+                cache.seal()
+            for spec in specs.values():
+                if spec.scheduler is not None and spec.interval == "epoch":
+                    spec.scheduler.step()
+            train_seconds = time.perf_counter() - epoch_start
+            metrics = _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, io)
+            if stage.validate:
+                val = io.val_batches(worker_batch)
+                if val is not None:
+                    metrics.update(validate(model, val))
+            score = metrics.get("val_image_auroc", math.nan)
+            improved = not math.isnan(score) and score > progress["best"]
+            if improved:
+                progress.update(best=score, best_epoch=epoch, stale=0)
+                best_state = _cpu_state(model)
+            else:
+                progress["stale"] += 1
+            progress["epoch"] = epoch
+            progress["history"].append(metrics)
+            elapsed = float(distributed.all_reduce_max(torch.tensor([time.monotonic() - clock["start"]])))
+            if is_main and config.patience is not None and stage.validate and progress["stale"] >= config.patience:
+                stop_reason = "patience"
+            if config.max_minutes is not None and elapsed >= 60 * config.max_minutes:
+                stop_reason = "time"
+            last = stop_reason is not None or (epochs is not None and epoch + 1 >= epochs) or (
+                steps_budget is not None and progress["steps"] >= steps_budget)
+            progress["stage_done"] = last
+            if last and best_state is not None:
+                model.load_state_dict(best_state)  # later stages and the saved model use the best epoch
+            metrics.update(best_val_image_auroc=progress["best"], best_epoch=progress["best_epoch"],
+                           stopped=stop_reason is not None)
+            shown = {"loss": metrics.get("train_loss")}
+            if not math.isnan(score):
+                shown["val_auroc"] = score
+            bar.update(0 if by_steps else 1, force=True, **{k: v for k, v in shown.items() if v is not None})
+            _checkpoint(model, io, progress, metrics, specs, None if last else best_state)
+            if last:
+                break
+            epoch += 1
+        return stop_reason
     finally:
         bar.close()
-
-
-def _epochs(model, stage, index, io, config, progress, *, is_main, clock, epochs, steps_budget, specs, modules,
-            best_state, worker_batch, use_amp, cache, extra, epoch, bar, by_steps) -> str | None:
-    stop_reason = None
-    while (epochs is None or epoch < epochs) and (steps_budget is None or progress["steps"] < steps_budget):
-        _maybe_fail_for_tests(config.test_hooks, epoch, io)
-        seed = _mix(config.seed, io.rank, index, epoch)
-        generator = torch.Generator(device=io.device).manual_seed(seed)
-        model.eval()  # frozen parts stay in eval mode; the stage's trainable modules train
-        for module in stage.modules.values():
-            module.train()
-        from_cache = cache is not None and cache.ready
-        if from_cache:
-            batches = cache.batches(worker_batch, torch.Generator().manual_seed(seed))
-        else:
-            batches = ((_images(item).to(io.device), None) for item in io.train_batches(worker_batch))
-        epoch_start = time.perf_counter()
-        sums, seen, waited, standin = {}, 0, 0.0, None
-        while steps_budget is None or progress["steps"] < steps_budget:
-            ask = time.perf_counter()
-            item = next(batches, None)  # time spent here is time the step waited for data
-            waited += time.perf_counter() - ask
-            local = 0 if item is None else _count(item)
-            total = local
-            if io.world_size > 1:  # all workers agree on whether anyone still has data, and on the count
-                agreed = distributed.all_reduce_sum(torch.tensor([float(item is not None), float(local)]))
-                if agreed[0] == 0:
-                    break
-                total = int(agreed[1])
-            elif item is None:
-                break
-            if item is None:  # this worker's shard is used up: join the step with weight 0
-                item = standin
-            images, frozen = item
-            if cache is not None and not from_cache:
-                frozen = _frozen_features(stage, images, use_amp)
-                cache.add(images, frozen)
-            standin = (None if images is None else images[:1],
-                       None if frozen is None else {k: v[:1] for k, v in frozen.items()})
-            batch = {"image": images}
-            if frozen is not None:
-                batch["frozen"] = frozen
-            if stage.augment is not None:
-                batch = stage.augment(batch, generator)
-            ctx = RunnerStepContext(batch=batch, modules=modules, optimizers=specs, extra=extra, epoch=epoch,
-                                    step=progress["steps"], generator=generator, use_amp=use_amp,
-                                    total_steps=steps_budget,
-                                    weight=loss_weight(stage.loss_reduction, local, total, io.world_size))
-            with torch.autocast(device_type=io.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                stage.step(ctx)
-            progress["steps"] += 1
-            if by_steps:
-                bar.update(1)
-            for key, value in ctx.logged.items():
-                sums[key] = sums.get(key, 0.0) + value * local
-            seen += local
-        if cache is not None and not cache.ready:
-            cache.seal()
-        for spec in specs.values():
-            if spec.scheduler is not None and spec.interval == "epoch":
-                spec.scheduler.step()
-        train_seconds = time.perf_counter() - epoch_start
-        metrics = _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, io)
-        if stage.validate:
-            val = io.val_batches(worker_batch)
-            if val is not None:
-                metrics.update(validate(model, val))
-        score = metrics.get("val_image_auroc", math.nan)
-        improved = not math.isnan(score) and score > progress["best"]
-        if improved:
-            progress.update(best=score, best_epoch=epoch, stale=0)
-            best_state = _cpu_state(model)
-        else:
-            progress["stale"] += 1
-        progress["epoch"] = epoch
-        progress["history"].append(metrics)
-        elapsed = float(distributed.all_reduce_max(torch.tensor([time.monotonic() - clock["start"]])))
-        if is_main and config.patience is not None and stage.validate and progress["stale"] >= config.patience:
-            stop_reason = "patience"
-        if config.max_minutes is not None and elapsed >= 60 * config.max_minutes:
-            stop_reason = "time"
-        last = stop_reason is not None or (epochs is not None and epoch + 1 >= epochs) or (
-            steps_budget is not None and progress["steps"] >= steps_budget)
-        progress["stage_done"] = last
-        if last and best_state is not None:
-            model.load_state_dict(best_state)  # later stages and the saved model use the best epoch
-        metrics.update(best_val_image_auroc=progress["best"], best_epoch=progress["best_epoch"],
-                       stopped=stop_reason is not None)
-        shown = {"loss": metrics.get("train_loss")}
-        if not math.isnan(score):
-            shown["val_auroc"] = score
-        bar.update(0 if by_steps else 1, force=True, **{k: v for k, v in shown.items() if v is not None})
-        _checkpoint(model, io, progress, metrics, specs, None if last else best_state)
-        if last:
-            break
-        epoch += 1
-    return stop_reason
 
 
 # --- pieces -----------------------------------------------------------------------------------------
