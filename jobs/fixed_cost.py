@@ -5,6 +5,7 @@ workers is negligible and the wall time is start-up and teardown.
     python jobs/fixed_cost.py                 # 3 runs, 1 worker
     python jobs/fixed_cost.py --workers 2 --runs 5
     RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 python jobs/fixed_cost.py   # what the watcher costs
+    python jobs/fixed_cost.py --bare          # Ray Train's own floor: a TorchTrainer whose workers only report
 
 Prints one JSON line per run (fit wall seconds, seconds inside the workers, the difference) and a summary.
 """
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--model", default="padim")
+    parser.add_argument("--bare", action="store_true", help="no raylib_ad in the workers: a TorchTrainer whose "
+                        "train function only reports, i.e. what Ray Train alone costs per fit() on this machine")
     parser.add_argument("--timeline", type=int, default=0, metavar="N", help="print the last N lines of Ray's "
                         "log (timestamped) after each run")
     args = parser.parse_args(argv)
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
         console.attach_ray()
         runs = []
         for i in range(args.runs):
+            if args.bare:
+                runs.append(_bare_fit(i, args.workers, os.path.join(tmp, "ray")))
+                print(json.dumps(runs[-1]), flush=True)
+                continue
             config = RunnerConfig(batch_size=8, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
             fit = fit_on_ray(args.model, {"backbone": "resnet18", "pretrained": False, "image_size": 32,
                                           "layers": ["layer1", "layer2"]}, train, None, config,
@@ -76,6 +83,30 @@ def main(argv: list[str] | None = None) -> dict:
                "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
     print(json.dumps(summary))
     return summary
+
+
+def _report_only() -> None:
+    import ray.train
+
+    ray.train.report({"done": 1})
+
+
+def _bare_fit(index: int, workers: int, storage: str) -> dict:
+    """One TorchTrainer.fit() with nothing of raylib_ad inside: Ray Train's controller, worker processes, torch
+    process group and one report. Everything it costs is fixed cost no model code can remove."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raylib_ad.train.ray_setup import cluster_cpus
+    from raylib_ad.train.resources import cpus_per_worker
+
+    trainer = TorchTrainer(_report_only, scaling_config=ScalingConfig(
+        num_workers=workers, resources_per_worker={"CPU": cpus_per_worker(cluster_cpus(), workers)}),
+        run_config=RunConfig(storage_path=storage, name=f"bare-{index}"))
+    start = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - start
+    return {"run": index, "fit_seconds": round(wall, 2), "inside_workers_seconds": 0.0, "fixed_seconds": round(wall, 2)}
 
 
 if __name__ == "__main__":

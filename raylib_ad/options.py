@@ -39,6 +39,7 @@ class TrainOptions:
     max_epochs: int | None = None
     max_steps: int | None = None
     max_minutes: float | None = None
+    val_every_minutes: float | None = None
     patience: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
@@ -110,7 +111,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-epochs", type=int, help="gradient models: epochs (default: the model's)")
     parser.add_argument("--max-steps", type=int, help="gradient models: optimizer steps of the main stage "
                         "(default: the model's step budget, if it has one)")
-    parser.add_argument("--max-minutes", type=float, help="gradient models: stop after this much training time")
+    parser.add_argument("--max-minutes", type=float, help="gradient models: stop after this much training time "
+                        "(inside an epoch too)")
+    parser.add_argument("--val-every-minutes", type=float, help="gradient models: also validate inside epochs this "
+                        "often (the validation curve over a time budget, OUT/val_curve.json; the best point is kept)")
     parser.add_argument("--patience", type=int, help="gradient models: early stopping after this many epochs "
                         "without a better validation image AUROC (default: anomalib's patience for the model; 0: off)")
     parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",

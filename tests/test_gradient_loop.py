@@ -57,6 +57,28 @@ def test_a_worker_that_dies_resumes_and_every_image_is_used_once_per_epoch(ray_c
         assert best(torch.zeros(1, 3, SIZE, SIZE)).anomaly_map.shape == (1, SIZE, SIZE)
 
 
+def test_a_worker_killed_in_a_later_stage_resumes_in_that_stage(ray_cluster, synthetic_root, tmp_path):
+    """DSR (tiny, its VQ-VAE trained here for one epoch) killed in epoch 1 of its main stage, its 2nd of 3
+    stages: the run restores the main stage's epoch-0 checkpoint and goes on from there. A finished stage
+    run again would add its epochs to the restored history a second time."""
+    marker = tmp_path / "failed-once"
+    tiny = {"backbone": None, "vq_epochs": 1, "embedding_dim": 8, "num_embeddings": 32, "num_hiddens": 8,
+            "num_residual_hiddens": 4, "base_width": 4}
+    # --max-epochs 3: DSR gives int(0.7 * 3) = 2 epochs to its main stage and 1 to the upsampling stage
+    result, n_val = fit(synthetic_root, tmp_path, "dsr", tiny, max_epochs=3,
+                        test_hooks={"fail_once_at_epoch": 1, "fail_in_stage": "main", "fail_marker": str(marker)})
+    assert marker.exists() and result.restarts == 1
+    assert [(h["stage"], h["epoch"]) for h in result.history] == [("latent", 0), ("main", 0), ("main", 1),
+                                                                    ("upsample", 0)]
+    assert result.metrics["stages"] == ["optimize:latent", "optimize:main", "optimize:upsample"]
+    for record in result.history:
+        assert record["train_images"] == N_TRAIN and record["train_loss"] > 0
+        assert ("val_image_auroc" in record) == (record["stage"] == "main")  # only the main stage validates
+    best = read_model(result.model_dir)
+    with torch.no_grad():
+        assert best(torch.zeros(1, 3, SIZE, SIZE)).anomaly_map.shape == (1, SIZE, SIZE)
+
+
 def test_early_stopping_ends_the_run(ray_cluster, synthetic_root, tmp_path, lite0_available):
     result, _ = fit(synthetic_root, tmp_path, "fastflow", {"flow_steps": 2}, workers=1, max_epochs=20, patience=1)
     # Patience 1: the run stops at the first epoch that does not beat the best so far.

@@ -120,3 +120,127 @@ def test_trained_model_predicts_with_threshold_and_maps(tmp_path, lite0_availabl
     assert result["anomaly_map"].shape == (SIZE, SIZE)
     with pytest.raises(DataError, match="not a raylib_ad model directory"):
         load(tmp_path)
+
+
+# --- fast scoring paths: equal to the plain computations up to float rounding ---------------------------
+
+
+def unfolded_features(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The backbone as built (batch norm not folded), the whole batch at once."""
+    fe = model.feature_extractor
+    with torch.no_grad():
+        return dict(zip(fe.layers, fe.model(x.contiguous(memory_format=torch.channels_last))))
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
+
+
+@pytest.mark.parametrize("upsample_mode", ["nearest", "bilinear"])
+def test_patchcore_fast_forward_equals_the_plain_computation(upsample_mode, lite0_available):
+    import torch.nn.functional as F
+
+    from raylib_ad.models.components.embedding import concat_layers, to_patches
+
+    model = fitted("patchcore", upsample_mode=upsample_mode)
+    model.feature_extractor.cpu_chunk_pixels = SIZE * SIZE  # one image per backbone chunk
+    x = images(3, 5)
+    with torch.no_grad():
+        out = model(x)
+        feats = unfolded_features(model, x)
+        pooled = {k: F.avg_pool2d(v, 3, stride=1, padding=1) for k, v in feats.items()}
+        embedding = concat_layers(pooled, model.layers, mode="bilinear")
+        patches = to_patches(embedding)
+        dist, loc = torch.cdist(patches, model.memory_bank.expand(3, -1, -1)).min(-1)  # (B, P)
+        h, w = embedding.shape[-2:]
+        kwargs = {} if upsample_mode == "nearest" else {"align_corners": False}
+        upsampled = F.interpolate(dist.view(3, 1, h, w), size=(SIZE, SIZE), mode=upsample_mode, **kwargs)
+        expected_map = model.blur(upsampled)[:, 0]  # the full-resolution convolution
+        expected_score = model.reweighted_score(dist, loc, patches)
+    assert_close_rel(out.anomaly_map, expected_map)
+    assert_close_rel(out.score, expected_score)
+
+
+def test_padim_fast_forward_equals_the_plain_computation(lite0_available):
+    from raylib_ad.models.components.embedding import concat_layers, to_patches
+
+    model = fitted("padim")
+    model.feature_extractor.cpu_chunk_pixels = SIZE * SIZE
+    x = images(3, 5)
+    with torch.no_grad():
+        out = model(x)
+        embedding = concat_layers(unfolded_features(model, x), model.layers, mode="nearest")
+        embedding = embedding.index_select(1, model.feature_index)
+        delta = to_patches(embedding) - model.mean.unsqueeze(0)
+        dist = torch.einsum("bpc,pcd,bpd->bp", delta, model.inv_covariance, delta).clamp_min(0).sqrt()
+        h, w = embedding.shape[-2:]
+        expected_map = model.blur(model.upsample(dist.view(3, 1, h, w)))[:, 0]
+        torch.testing.assert_close(model.embed(x)[0], to_patches(embedding), rtol=1e-4, atol=1e-4)
+    assert_close_rel(out.anomaly_map, expected_map)
+    assert_close_rel(out.score, expected_map.amax(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("name", ["dfm", "dfkde"])
+def test_folded_chunked_backbone_scores_as_the_plain_one(name, lite0_available):
+    model = fitted(name)
+    x = images(3, 5)
+    with torch.no_grad():
+        fast = model(x)
+        model.feature_extractor.cpu_chunk_pixels = 10**9  # whole batch ...
+        model.feature_extractor._inference_model = lambda images: model.feature_extractor.model  # ... unfolded
+        plain = model(x)
+    assert_close_rel(fast.score, plain.score)
+    if plain.anomaly_map is not None:
+        assert_close_rel(fast.anomaly_map, plain.anomaly_map)
+
+
+def test_folded_backbone_follows_new_weights_and_is_not_saved(lite0_available):
+    import copy
+
+    model = fitted("dfm")
+    fe = model.feature_extractor
+    x = images(2, 7)
+    with torch.no_grad():
+        before = fe(x)
+    assert not any("_folded" in key for key in model.state_dict())
+    # New batch-norm statistics (as a checkpoint load would copy in): the folded copy is rebuilt from them.
+    state = {k: (v * 1.5 if k.endswith("running_var") else v) for k, v in fe.state_dict().items()}
+    fe.load_state_dict(state)
+    with torch.no_grad():
+        after = fe(x)
+        expected = unfolded_features(model, x)
+    layer = fe.layers[0]
+    assert not torch.allclose(after[layer], before[layer], rtol=1e-3, atol=1e-3)
+    assert_close_rel(after[layer], expected[layer])
+    clone = copy.deepcopy(fe)  # the cached copy is not carried along; the clone builds its own
+    assert clone.__dict__["_folded"] is None
+    with torch.no_grad():
+        assert_close_rel(clone(x)[layer], after[layer])
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("grid,size", [((8, 8), (64, 64)), ((4, 6), (64, 64)), ((5, 5), (9, 9))])
+def test_blur_as_matrices_equals_upsample_then_blur(mode, grid, size):
+    import torch.nn.functional as F
+
+    from raylib_ad.models.components.blur import GaussianBlur2d
+
+    blur = GaussianBlur2d(sigma=4.0)
+    maps = torch.rand(3, 1, *grid, generator=torch.Generator().manual_seed(0)) * 10
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    expected = blur(F.interpolate(maps, size=size, mode=mode, **kwargs))
+    assert_close_rel(blur.upsample_and_blur(maps, size, mode), expected)
+
+
+def test_nearest_neighbors_match_brute_force():
+    from raylib_ad.models.components.nearest_neighbors import nearest_neighbors
+
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(3000, 16, generator=g), torch.randn(700, 16, generator=g)
+    full = torch.cdist(queries, bank)
+    for k in (1, 4):
+        dist, idx = nearest_neighbors(queries, bank, k=k, query_chunk=1000, bank_chunk=300)
+        expected = full.topk(k, dim=1, largest=False)
+        torch.testing.assert_close(dist, expected.values, rtol=1e-4, atol=1e-4)
+        assert (idx == expected.indices).float().mean() > 0.999

@@ -112,5 +112,40 @@ def test_augmentation_is_seeded():
 def test_a_time_budget_skips_optimize_stages_but_still_calibrates():
     model = Toy(image_size=SIZE)
     fit = fit_in_process(model, images(7), batch_size=3, max_minutes=1e-9)
-    assert len(fit.history) == 1  # stopped after the first epoch
+    assert len(fit.history) == 1 and fit.history[0]["stopped"]
+    assert model.seen == [3]  # the budget ends inside the epoch, after the one step every stage takes
     assert model.events == ["collect", "calibrate"]
+
+
+class Validated(Toy):
+    """Toy whose training stage validates (image AUROC of the held-back images)."""
+
+    def recipe(self):
+        stages = super().recipe()
+        stages[1].validate = True
+        return stages
+
+
+def labelled(n):
+    return {"image": images(n, seed=1), "label": torch.tensor([0, 1] * (n // 2) + [0] * (n % 2)),
+            "mask": torch.zeros(n, SIZE, SIZE)}
+
+
+def test_validation_points_inside_epochs_form_the_curve_and_keep_the_best():
+    model = Validated(image_size=SIZE)
+    fit = fit_in_process(model, images(7), labelled(6), batch_size=3, val_every_minutes=1e-9)
+    curve = fit.val_curve
+    # a point before each of the 3 steps of each of 3 epochs, and one at each epoch's end
+    assert len(curve) == 3 * 3 + 3
+    assert [p["epoch"] for p in curve] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [p["step"] for p in curve] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9]
+    assert all(0 <= p["val_image_auroc"] <= 1 for p in curve)
+    minutes = [p["minutes"] for p in curve]
+    assert minutes == sorted(minutes)
+    assert fit.metrics["best_val_image_auroc"] == max(p["val_image_auroc"] for p in curve)
+
+
+def test_without_in_epoch_points_the_curve_has_one_point_per_epoch():
+    fit = fit_in_process(Validated(image_size=SIZE), images(7), labelled(6), batch_size=3)
+    assert [p["epoch"] for p in fit.val_curve] == [0, 1, 2]
+    assert [p["val_image_auroc"] for p in fit.val_curve] == [h["val_image_auroc"] for h in fit.history]

@@ -1,4 +1,5 @@
-"""The synthetic-anomaly generator DRAEM and DSR train on: masks, textures, blending, determinism."""
+"""The synthetic-anomaly generator DRAEM and DSR train on: masks, textures, blending, determinism, and
+anomalies drawn per image that do not depend on the batch an image comes in."""
 
 import pytest
 import torch
@@ -60,6 +61,23 @@ def test_same_seed_same_anomalies_other_seed_other_ones(textures):
     a3, m3 = generator(images, gen(8))
     assert torch.equal(a1, a2) and torch.equal(m1, m2)
     assert not torch.equal(m1, m3)
+
+
+@pytest.mark.parametrize("textures", ["self", "noise"])
+def test_with_a_generator_per_image_an_images_anomaly_does_not_depend_on_its_batch(textures):
+    # The runner seeds one generator per image by its row in the training set (batch["generators"]): on
+    # 2 workers image 0 shares its batch with image 2, on 1 worker with images 1-3; its anomaly must not change.
+    images = smooth_images(4)
+    generator = SyntheticAnomalyGenerator(textures, probability=1.0)
+    whole, whole_masks = generator(images, [gen(10 + i) for i in range(4)])
+    for rows in ([0, 2], [1, 3], [3]):
+        part, part_masks = generator(images[rows], [gen(10 + i) for i in rows])
+        assert torch.equal(part, whole[rows]) and torch.equal(part_masks, whole_masks[rows])
+    masks = perlin_masks(4, 64, 64, [gen(10 + i) for i in range(4)], probability=0.5)
+    assert torch.equal(perlin_masks(2, 64, 64, [gen(11), gen(13)], probability=0.5), masks[[1, 3]])
+    assert not torch.equal(whole_masks[0], whole_masks[1])  # and the images' own draws differ
+    with pytest.raises(ValueError, match="one per image"):
+        generator(images, [gen(0)])
 
 
 @pytest.mark.parametrize("textures", ["self", "noise"])

@@ -70,3 +70,25 @@ def test_batch_decoder_outputs_numeric_arrays_only(tmp_path):
     assert out["mask"][0].sum() == 0 and (out["mask"][1] == 1).all()
     assert set(BatchDecoder(8, mean, std, with_masks=False)(batch)) == {"image", "label"}
 
+
+
+def test_normalize_is_bit_identical_to_whole_array_arithmetic():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 9, 11, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, 3)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, 3)
+    expected = ((images.astype(np.float32) * np.float32(1 / 255) - m) / s).transpose(0, 3, 1, 2)
+    out = normalize(images, mean, std)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_grayscale_fast_path_equals_resizing_the_rgb_conversion(tmp_path):
+    rng = np.random.default_rng(1)
+    for size in ((40, 23), (300, 500)):  # upscaled and downscaled to 64
+        path = tmp_path / f"grey{size[0]}.png"
+        Image.fromarray(rng.integers(0, 256, size=size[::-1], dtype=np.uint8)).save(path)
+        with Image.open(path) as im:
+            expected = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR))
+        np.testing.assert_array_equal(load_image(str(path), 64), expected)

@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-Batch = dict[str, Any]  # "image": (B, 3, H, W) normalized; an augmentation may add fields ("mask", ...)
+# "image": (B, 3, H, W) normalized; "generators": one torch.Generator per image, seeded by the image's row in
+# the training set, the stage and the epoch (not by the worker: an image gets the same random draws on 1
+# worker or N; absent on batches replayed from the frozen-feature cache); an augmentation may add fields.
+Batch = dict[str, Any]
 
 
 @dataclass
@@ -83,7 +86,7 @@ class StepContext(Protocol):
     epoch: int
     step: int  # optimizer steps taken in this stage so far (the step function's call count)
     total_steps: int | None  # the stage's step budget after --max-steps (None: an epoch budget only)
-    generator: torch.Generator  # seeded per worker and step: use it for any randomness in the step
+    generator: torch.Generator  # seeded per worker and epoch; per-image draws: batch["generators"]
 
     def optimize(self, optimizer: str, loss: torch.Tensor, *, retain_graph: bool = False) -> float:
         """zero_grad, backward (weighted so that N workers take the step one process takes on the global
@@ -116,7 +119,8 @@ class Optimize:
     # "mean" when the step's losses average over the batch; "sum" when they add up over it (STFPM). The
     # runner weights each worker's loss so that DDP's gradient average equals the global-batch gradient.
     loss_reduction: str = "mean"
-    # Per-batch augmentation on the worker's device: (batch, generator) -> batch. Seeded per worker.
+    # Per-batch augmentation on the worker's device: (batch, generator) -> batch. `generator` is seeded per
+    # worker; draw from batch["generators"] (one per image) for what must not depend on the worker.
     augment: Callable[[Batch, torch.Generator], Batch] | None = None
     extra_streams: list[ExtraStream] = field(default_factory=list)
     # The output of a frozen part for a batch of images, or None. When the inputs are not augmented it

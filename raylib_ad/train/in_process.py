@@ -4,15 +4,16 @@ a manifest, reports kept in memory. Used by the tests and `jobs/benchmark.py --n
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from raylib_ad.train.runner import FINAL_MODEL, RunnerConfig, run_recipe
+from raylib_ad.train.runner import FINAL_MODEL, PROGRESS, RunnerConfig, run_recipe
 
 
 class InProcessIO:
@@ -73,6 +74,7 @@ class InProcessFit:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     model_dir: Path | None
+    val_curve: list[dict[str, Any]] = field(default_factory=list)  # every validation, as RayFit.val_curve
 
 
 def fit_in_process(model, train, val=None, *, device: str = "cpu", **config: Any) -> InProcessFit:
@@ -85,5 +87,7 @@ def fit_in_process(model, train, val=None, *, device: str = "cpu", **config: Any
     io = InProcessIO(train, val, device=device, config=cfg)
     metrics = run_recipe(model, io, cfg)
     history = [r for r in io.reports if "epoch" in r and not r.get("final")]
+    progress = json.loads((io.final_dir / PROGRESS).read_text()) if io.final_dir is not None else {}
     return InProcessFit(model=model, metrics=metrics, history=copy.deepcopy(history),
-                        model_dir=None if io.final_dir is None else io.final_dir / FINAL_MODEL)
+                        model_dir=None if io.final_dir is None else io.final_dir / FINAL_MODEL,
+                        val_curve=progress.get("val_curve", []))

@@ -60,8 +60,9 @@ def _write_plots(out: Path, run, scored, report, at_threshold) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def plot_history(history: list[dict[str, Any]], out: Path) -> None:
-    """training_curves.png: train loss and validation AUROCs per epoch."""
+def plot_history(history: list[dict[str, Any]], out: Path, val_curve: list[dict[str, Any]] | None = None) -> None:
+    """training_curves.png: train loss per epoch and validation AUROCs over the run's minutes (every
+    validation, in-epoch points of --val-every-minutes included); history.json and val_curve.json."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,15 +72,20 @@ def plot_history(history: list[dict[str, Any]], out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, [h["train_loss"] for h in history], marker="o")
     left.set(title="train loss", xlabel="epoch")
+    points = val_curve or []
     for key in ("val_image_auroc", "val_pixel_auroc"):
-        if key in history[0]:
-            right.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    right.set(title="validation", xlabel="epoch", ylim=(0, 1))
-    right.legend()
+        shown = [p for p in points if key in p]
+        if shown:
+            right.plot([p["minutes"] for p in shown], [p[key] for p in shown], marker="o", label=key)
+    right.set(title="validation", xlabel="minutes into the run", ylim=(0, 1))
+    if points:
+        right.legend()
     fig.tight_layout()
     fig.savefig(out / "training_curves.png", dpi=100)
     plt.close(fig)
     (out / "history.json").write_text(json.dumps(history, indent=2, default=float))
+    if points:
+        (out / "val_curve.json").write_text(json.dumps(points, indent=2, default=float))
 
 
 def summary_table(model: str, category: str, metrics: dict[str, Any]) -> str:

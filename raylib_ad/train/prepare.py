@@ -172,3 +172,6 @@ def check_options(options: TrainOptions) -> None:
     if options.max_minutes is not None:
         need(number(options.max_minutes) and options.max_minutes > 0, "--max-minutes", options.max_minutes,
              "a number > 0")
+    if options.val_every_minutes is not None:
+        need(number(options.val_every_minutes) and options.val_every_minutes > 0, "--val-every-minutes",
+             options.val_every_minutes, "a number > 0")

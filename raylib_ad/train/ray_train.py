@@ -96,6 +96,7 @@ class RayFit:
     model_dir: str  # the fitted model directory inside Ray's checkpoint storage
     metrics: dict[str, Any]  # rank 0's final report
     history: list[dict[str, Any]]  # one record per epoch of every Optimize stage
+    val_curve: list[dict[str, Any]]  # every validation: minutes into the run, epoch, step, AUROCs
     seconds: float  # wall time of the fit, Ray Train's start and teardown included
     restarts: int  # worker-group restarts after lost workers
 
@@ -163,7 +164,7 @@ def fit_on_ray(
     directory = Path(result.checkpoint.path)
     progress = json.loads((directory / PROGRESS).read_text())
     return RayFit(model_dir=str(directory / FINAL_MODEL), metrics=dict(result.metrics),
-                  history=progress["history"], seconds=time.perf_counter() - start, restarts=restarts)
+                  history=progress["history"], val_curve=progress.get("val_curve", []), seconds=time.perf_counter() - start, restarts=restarts)
 
 
 def _user_exception(failure: BaseException) -> BaseException | None:

@@ -83,7 +83,7 @@ def runner_config(run: PreparedRun):
     o = run.options
     return RunnerConfig(batch_size=run.batch_size, max_epochs=o.max_epochs, max_steps=o.max_steps,
                         patience=run.cls.default_patience if o.patience is None else (o.patience or None),
-                        max_minutes=o.max_minutes, seed=o.seed, progress=o.progress,
+                        max_minutes=o.max_minutes, val_every_minutes=o.val_every_minutes, seed=o.seed, progress=o.progress,
                         image_size=o.image_size, mean=run.mean, std=run.std)
 
 
@@ -110,7 +110,7 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
         raise RuntimeError(f"workers ended with different models (digests {digests}); "
                            "refusing to save")
     if fit.history:
-        plot_history(fit.history, out)
+        plot_history(fit.history, out, fit.val_curve)
     return fit
 
 

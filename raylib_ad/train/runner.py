@@ -7,7 +7,9 @@ backed by Ray Train (dataset shards, ray.train.report, checkpoints); train/in_pr
   across workers through raylib_ad.distributed);
 - Optimize: DDP around each trainable module of the stage, loss weighting so N workers step as one
   process on the global batch (train/step_context.py), bf16 autocast on GPU, per-step or per-epoch
-  schedulers, augmentation and step randomness from generators seeded by (seed, rank, stage, epoch),
+  schedulers, a generator per worker seeded by (seed, rank, stage, epoch) and one per image seeded by
+  (seed, stage, epoch, the image's index in the training set): batch["generators"], so that an image's
+  augmentation does not depend on which worker it lands on or who shares its batch,
   the frozen-feature cache where inputs are not augmented, per-epoch validation gathered across
   workers, the best epoch's weights kept, early stopping (--patience), time and step budgets;
 - a checkpoint after every epoch and after every Collect stage (model, optimizers, schedulers,
@@ -66,7 +68,8 @@ class RunnerConfig:
     max_epochs: int | None = None  # replaces the main Optimize stage's epoch budget
     max_steps: int | None = None  # replaces the main Optimize stage's step budget
     patience: int | None = None  # early stopping of the main stage on validation image AUROC
-    max_minutes: float | None = None  # training time over all stages
+    max_minutes: float | None = None  # training time over all stages; ends an epoch early when it runs out
+    val_every_minutes: float | None = None  # also validate inside epochs, this often (a curve over a budget)
     seed: int = 0
     feature_cache_mb: int = DEFAULT_FEATURE_CACHE_MB
     prefetch_batches: int = 2
@@ -74,12 +77,13 @@ class RunnerConfig:
     image_size: int = 256
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    test_hooks: dict[str, Any] = field(default_factory=dict)  # fail_once_at_epoch, fail_marker, fail_after_s
+    # fail_once_at_epoch, fail_in_stage, fail_marker, fail_after_s (see _maybe_fail_for_tests)
+    test_hooks: dict[str, Any] = field(default_factory=dict)
 
 
 def _fresh_progress() -> dict[str, Any]:
     return {"stage": 0, "stage_done": False, "epoch": -1, "steps": 0, "best": -math.inf, "best_epoch": -1,
-            "stale": 0, "history": []}
+            "stale": 0, "history": [], "val_curve": []}
 
 
 def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
@@ -94,6 +98,8 @@ def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
         if index < progress["stage"] or (index == progress["stage"] and progress["stage_done"]):
             continue
         if index != progress["stage"]:
+            if recipe[progress["stage"]] is main:  # the model's best validation, before the next stage resets it
+                progress["main_best"] = {"best": progress["best"], "best_epoch": progress["best_epoch"]}
             progress.update(stage=index, stage_done=False, epoch=-1, steps=0, best=-math.inf, best_epoch=-1,
                             stale=0)
             saved = None
@@ -161,6 +167,10 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
         cache = FrozenFeatureCache(config.feature_cache_mb * 2**20, keep_images=stage.needs_images_with_frozen)
     extra = {s.name: cycle_images(s, config, io.rank, io.device) for s in stage.extra_streams}
     epoch = progress["epoch"] + 1
+    next_point = None  # the next in-epoch validation, in seconds of the run's clock
+    if config.val_every_minutes and stage.validate:
+        every = 60 * config.val_every_minutes
+        next_point = every * (math.floor((time.monotonic() - clock["start"]) / every) + 1)
     by_steps = epochs is None  # the bar counts what the budget counts
     bar = ProgressCounter(f"{stage.name} {'steps' if by_steps else 'epochs'}", steps_budget if by_steps else epochs,
                           enabled=config.progress and io.rank == 0, unit="step" if by_steps else "epoch")
@@ -168,7 +178,7 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
     try:
         stop_reason = None
         while (epochs is None or epoch < epochs) and (steps_budget is None or progress["steps"] < steps_budget):
-            _maybe_fail_for_tests(config.test_hooks, epoch, io)
+            _maybe_fail_for_tests(config.test_hooks, epoch, io, stage.name)
             seed = _mix(config.seed, io.rank, index, epoch)
             generator = torch.Generator(device=io.device).manual_seed(seed)
             model.eval()  # frozen parts stay in eval mode; the stage's trainable modules train
@@ -181,19 +191,30 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                 batches = ((_images(item).to(io.device), None) for item in io.train_batches(worker_batch))
             epoch_start = time.perf_counter()
             sums, seen, waited, standin = {}, 0, 0.0, None
+            taken = 0  # images of this worker's shard streamed so far this epoch
+            epoch_steps = 0  # the same on every worker: they step together
             while steps_budget is None or progress["steps"] < steps_budget:
                 ask = time.perf_counter()
                 item = next(batches, None)  # time spent here is time the step waited for data
                 waited += time.perf_counter() - ask
                 local = 0 if item is None else _count(item)
                 total = local
-                if io.world_size > 1:  # all workers agree on whether anyone still has data, and on the count
-                    agreed = distributed.all_reduce_sum(torch.tensor([float(item is not None), float(local)]))
+                elapsed = time.monotonic() - clock["start"]
+                if io.world_size > 1:  # all workers agree on whether anyone still has data, on the count and
+                    # on the clock (the mean of theirs), so that they stop or validate at the same step
+                    agreed = distributed.all_reduce_sum(torch.tensor(
+                        [float(item is not None), float(local), elapsed], dtype=torch.float64))
                     if agreed[0] == 0:
                         break
-                    total = int(agreed[1])
+                    total, elapsed = int(agreed[1]), float(agreed[2]) / io.world_size
                 elif item is None:
                     break
+                if config.max_minutes is not None and elapsed >= 60 * config.max_minutes and epoch_steps:
+                    break  # the budget ends inside an epoch too: one DRAEM epoch on 2 CPU cores outlasts most
+                if next_point is not None and elapsed >= next_point:
+                    next_point += 60 * config.val_every_minutes
+                    best_state = _validation_point(model, stage, io, worker_batch, progress, epoch, elapsed,
+                                                   best_state)
                 if item is None:  # this worker's shard is used up: join the step with weight 0
                     item = standin
                 images, frozen = item
@@ -205,6 +226,9 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                 batch = {"image": images}
                 if frozen is not None:
                     batch["frozen"] = frozen
+                if not from_cache:  # (a cached stage has no augmentation; its batches come shuffled)
+                    batch["generators"] = _image_generators(config.seed, index, epoch, io, taken, len(images))
+                    taken += local
                 if stage.augment is not None:
                     batch = stage.augment(batch, generator)
                 ctx = RunnerStepContext(batch=batch, modules=modules, optimizers=specs, extra=extra, epoch=epoch,
@@ -214,6 +238,7 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                 with torch.autocast(device_type=io.device.type, dtype=torch.bfloat16, enabled=use_amp):
                     stage.step(ctx)
                 progress["steps"] += 1
+                epoch_steps += 1
                 if by_steps:
                     bar.update(1)
                 for key, value in ctx.logged.items():
@@ -240,6 +265,8 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
             progress["epoch"] = epoch
             progress["history"].append(metrics)
             elapsed = float(distributed.all_reduce_max(torch.tensor([time.monotonic() - clock["start"]])))
+            if not math.isnan(score):
+                _record_point(progress, metrics, epoch, elapsed)
             if is_main and config.patience is not None and stage.validate and progress["stale"] >= config.patience:
                 stop_reason = "patience"
             if config.max_minutes is not None and elapsed >= 60 * config.max_minutes:
@@ -265,6 +292,31 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
 
 
 # --- pieces -----------------------------------------------------------------------------------------
+
+
+def _validation_point(model, stage: Optimize, io: WorkerIO, worker_batch: int, progress, epoch: int,
+                      elapsed: float, best_state):
+    """Validate inside an epoch (--val-every-minutes): a point of the validation curve, and the best model
+    so far when it beats the best one (patience still counts whole epochs). Returns the best state."""
+    val = io.val_batches(worker_batch)
+    if val is None:
+        return best_state
+    metrics = validate(model, val)
+    _record_point(progress, metrics, epoch, elapsed)
+    score = metrics.get("val_image_auroc", math.nan)
+    if not math.isnan(score) and score > progress["best"]:
+        progress.update(best=score, best_epoch=epoch)
+        best_state = _cpu_state(model)
+    model.eval()  # back to training: frozen parts in eval mode, the stage's modules in train mode
+    for module in stage.modules.values():
+        module.train()
+    return best_state
+
+
+def _record_point(progress, metrics, epoch: int, elapsed: float) -> None:
+    point = {"minutes": round(elapsed / 60, 3), "epoch": epoch, "step": progress["steps"]}
+    point.update({k: metrics[k] for k in ("val_image_auroc", "val_pixel_auroc") if k in metrics})
+    progress.setdefault("val_curve", []).append(point)
 
 
 def _on_device(item, device):
@@ -303,6 +355,17 @@ def _mix(*values: int) -> int:
     for value in values:
         seed = (seed * 1_000_003 + int(value) + 7) % (2**62)
     return seed
+
+
+def _image_generators(seed: int, stage: int, epoch: int, io: WorkerIO, taken: int, count: int
+                      ) -> list[torch.Generator]:
+    """One generator per image of a streamed batch, seeded by the image's row in the training set rather
+    than by the worker: the same image gets the same synthetic anomaly (DRAEM, DSR) on 1 worker or N.
+    Rows are dealt round robin (train/ray_train.py deal_rows: row i to worker i mod N, in order), so the
+    k-th image this worker streams in an epoch is row rank + N * k. (A stand-in batch of a worker whose
+    shard is used up gets the next row's number; its step has weight 0.)"""
+    rows = (io.rank + io.world_size * (taken + k) for k in range(count))
+    return [torch.Generator(device=io.device).manual_seed(_mix(seed, stage, epoch, row)) for row in rows]
 
 
 def _cpu_state(model) -> dict[str, torch.Tensor]:
@@ -344,6 +407,7 @@ def _restore(io: WorkerIO, model) -> tuple[dict[str, Any], dict[str, Any] | None
     state = torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
     load_state_resizing(model, state["model"])
     model.to(io.device)
+    state["progress"].setdefault("val_curve", [])  # checkpoints written before the curve existed
     return state["progress"], state
 
 
@@ -369,7 +433,8 @@ def _final_report(model, recipe, io: WorkerIO, progress, clock) -> dict[str, Any
     if hasattr(model, "memory_bank") and isinstance(model.memory_bank, torch.Tensor):
         metrics["memory_bank_rows"] = int(model.memory_bank.shape[0])
     if progress["history"]:
-        metrics.update(best_epoch=progress["best_epoch"], best_val_image_auroc=progress["best"],
+        best = progress.get("main_best") or progress  # a later stage (calibrate, upsampling) starts its own
+        metrics.update(best_epoch=best["best_epoch"], best_val_image_auroc=best["best"],
                        epochs=len(progress["history"]))
     directory = None
     if io.rank == 0:
@@ -380,11 +445,14 @@ def _final_report(model, recipe, io: WorkerIO, progress, clock) -> dict[str, Any
     return metrics
 
 
-def _maybe_fail_for_tests(hooks: dict[str, Any], epoch: int, io: WorkerIO) -> None:
-    """Testing hook: `fail_once_at_epoch` kills rank 1 (or 0 alone) once, early in that epoch, to prove a
-    run resumes from its latest checkpoint. A marker file makes it happen only once."""
+def _maybe_fail_for_tests(hooks: dict[str, Any], epoch: int, io: WorkerIO, stage: str) -> None:
+    """Testing hook: `fail_once_at_epoch` kills rank 1 (or 0 alone) once, early in that epoch of the first
+    Optimize stage to reach it (of the stage named `fail_in_stage`, when given), to prove a run resumes
+    from its latest checkpoint. A marker file makes it happen only once."""
     marker = hooks.get("fail_marker")
     if hooks.get("fail_once_at_epoch") != epoch or not marker or os.path.exists(marker):
+        return
+    if hooks.get("fail_in_stage", stage) != stage:
         return
     if io.rank == min(1, io.world_size - 1):
         Path(marker).write_text("failed once")

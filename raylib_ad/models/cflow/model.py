@@ -180,13 +180,16 @@ class Cflow(AnomalyModel):
         """anomalib's fiber training: per scale, shuffle the batch's positions and take one optimizer step
         per fiber batch (the remainder joins the last one).
 
-        Distributed: each of N workers uses fiber batches of fiber_batch_size / N, so together they take
-        the steps one process takes on the global batch, each on fiber_batch_size positions. Every worker
+        Distributed: each of N workers cuts its own positions into fiber batches of fiber_batch_size, and
+        DDP averages the N fiber batches of a step: N workers take 1/N of the steps of one process, each on
+        N x fiber_batch_size positions. (Cutting fiber_batch_size / N per worker would keep anomalib's step
+        count, but a fiber step is so small that its fixed costs, autograd and Adam over the decoder and the
+        all-reduce, dominate: 2 workers then train no faster than one; docs/benchmarks.md.) Every worker
         must call backward equally often, so the number of fiber steps is the maximum over workers; a
         worker with fewer positions (a shorter last batch) cycles through its own."""
         frozen = ctx.batch.get("frozen")
         features = frozen if frozen is not None else self.frozen_features(ctx.batch["image"])
-        fiber = max(1, int(self.settings["fiber_batch_size"]) // distributed.world_size())
+        fiber = max(1, int(self.settings["fiber_batch_size"]))
         total, count = 0.0, 0
         for i, layer in enumerate(self.layers):
             embedding, condition = self.fibers(features[layer].detach())

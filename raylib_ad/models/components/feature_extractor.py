@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import warnings
 from typing import Sequence
 
 import timm
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ...errors import ConfigError
 from .weights import resolve_weights
@@ -81,6 +84,14 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(requires_grad)
         self.trainable = requires_grad
         self.train()  # timm builds in train mode; a frozen extractor must start (and stay) in eval mode
+        # A frozen extractor runs a copy with batch norm folded into the convolutions (built on first use,
+        # rebuilt whenever the weights change; not a submodule: it is in no state_dict).
+        self.__dict__["_folded"] = None
+
+    # On CPU a frozen extractor runs chunks of about this many input pixels (two 256 px images): a whole
+    # batch of 32 at 256 px streams ~200 MB per early layer through memory, two images stay in cache.
+    # Measured (tf_efficientnet_lite0 to blocks.4, 1 thread): 64 ms/image at batch 32, 35 at 8, 25 at 2.
+    cpu_chunk_pixels = 2 * 256 * 256
 
     def _truncate_after(self, last_index: int) -> None:
         # EfficientNet-style feature nets run every block even when the last requested feature comes
@@ -100,11 +111,84 @@ class FeatureExtractor(nn.Module):
         super().train(mode and self.trainable)
         return self
 
+    def __getstate__(self):
+        return {**self.__dict__, "_folded": None}  # a derived copy: rebuilt on first use, never pickled
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
         if self.trainable:
-            features = self.model(images)
-        else:
-            with torch.no_grad():
-                features = self.model(images)
+            return dict(zip(self.layers, self.model(images)))
+        with torch.no_grad():
+            if torch.jit.is_tracing() or torch.compiler.is_compiling():
+                # A traced graph (ONNX export) keeps the backbone's own weights and one pass over any batch.
+                return dict(zip(self.layers, self.model(images)))
+            model = self._inference_model(images)
+            chunk = len(images)
+            if images.device.type == "cpu" and images.dim() == 4:
+                chunk = max(1, self.cpu_chunk_pixels // (images.shape[-1] * images.shape[-2]))
+            if chunk >= len(images):
+                features = model(images)
+            else:
+                parts = [model(images[i : i + chunk]) for i in range(0, len(images), chunk)]
+                features = [torch.cat(maps) for maps in zip(*parts)]
         return dict(zip(self.layers, features))
+
+    # -- batch-norm folding (frozen extractors) ----------------------------------------------------
+    def _weights_key(self) -> tuple:
+        # Identity and in-place version of every weight: load_state_dict (copy_), .to() and in-place edits
+        # all change it, so a stale folded copy is never used.
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
+                     (*self.model.parameters(), *self.model.buffers()))
+
+    def _inference_model(self, images: torch.Tensor) -> nn.Module:
+        """The backbone to run for a frozen forward: a copy with every convolution's batch norm folded into
+        its weights (one pass over memory instead of two per layer: ~1.4x faster on CPU, measured 64 -> 41
+        ms/image at batch 32), identical up to float rounding. Falls back to the backbone itself when a
+        folded copy does not reproduce it (a network whose batch norm is not applied to the preceding
+        convolution's output)."""
+        key = self._weights_key()
+        cached = self.__dict__["_folded"]
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        model = self.model
+        with torch.inference_mode(False), torch.no_grad():
+            folded = _fold_batch_norms(self.model)
+            if folded is not None:
+                probe = images[:1]
+                ref, out = self.model(probe), folded(probe)
+                if all(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6)
+                       for a, b in zip(ref, out)):
+                    model = folded
+                else:
+                    warnings.warn(f"{self.backbone}: batch norm folding changed the features; running unfolded")
+        self.__dict__["_folded"] = (key, model)
+        return model
+
+
+def _fold_batch_norms(model: nn.Module) -> nn.Module | None:
+    """An eval-mode copy of `model` with each BatchNorm2d that directly follows a Conv2d sibling folded into
+    that convolution (timm's BatchNormAct2d keeps its activation); None when there is nothing to fold."""
+    folded = copy.deepcopy(model).eval()
+    count = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal count
+        names = list(module._modules)
+        for conv_name, bn_name in zip(names, names[1:]):
+            conv, bn = module._modules[conv_name], module._modules[bn_name]
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                    and bn.track_running_stats and bn.running_mean is not None
+                    and bn.num_features == conv.out_channels):
+                module._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
+                # timm's BatchNormAct2d = batch norm, then its dropout and activation: those stay.
+                tail = [getattr(bn, name) for name in ("drop", "act") if isinstance(getattr(bn, name, None), nn.Module)]
+                module._modules[bn_name] = nn.Sequential(*tail) if tail else nn.Identity()
+                count += 1
+        for child in module._modules.values():
+            if child is not None:
+                visit(child)
+
+    visit(folded)
+    if count == 0:
+        return None
+    return folded.to(memory_format=torch.channels_last).requires_grad_(False)

@@ -13,7 +13,9 @@ import torch
 def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
     if bank_sq is None:
         bank_sq = bank.pow(2).sum(1)
-    dist = queries.pow(2).sum(1, keepdim=True) - 2 * (queries @ bank.T) + bank_sq.unsqueeze(0)
+    # |b|^2 - 2 q.b in one GEMM call, then + |q|^2 in place: two passes over the (Q, N) matrix fewer than
+    # three separate operations (the same sum up to float rounding).
+    dist = torch.addmm(bank_sq.unsqueeze(0), queries, bank.T, alpha=-2).add_(queries.pow(2).sum(1, keepdim=True))
     return dist.clamp_min_(0)
 
 
@@ -29,6 +31,11 @@ def nearest_neighbors(
     k = min(k, bank.shape[0])
     queries = queries.to(bank.dtype)
     bank_sq = bank.pow(2).sum(1)
+    # Distance blocks of at most ~2M entries (8 MB) stay in cache for the min/top-k pass that follows the
+    # GEMM (measured, 32k patches x 780-row bank, 1 thread: 8192-row blocks 7.2 ms/image, 2048-row 5.8).
+    # Not while a graph is traced (ONNX export): it lifts query_chunk to trace one GEMM for any batch.
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        query_chunk = min(query_chunk, max(1024, 2**21 // max(1, min(bank.shape[0], bank_chunk))))
     out_dist, out_idx = [], []
     for q_start in range(0, queries.shape[0], query_chunk):
         q = queries[q_start : q_start + query_chunk]
@@ -36,7 +43,10 @@ def nearest_neighbors(
         for b_start in range(0, bank.shape[0], bank_chunk):
             b_end = b_start + bank_chunk
             dist = squared_distances(q, bank[b_start:b_end], bank_sq[b_start:b_end])
-            d, i = dist.topk(min(k, dist.shape[1]), dim=1, largest=False)
+            if k == 1:  # a min pass, cheaper than top-k's selection
+                d, i = dist.min(dim=1, keepdim=True)
+            else:
+                d, i = dist.topk(min(k, dist.shape[1]), dim=1, largest=False)
             i = i + b_start
             if best_dist is not None:  # merge this bank chunk's candidates with the running best
                 d, pick = torch.cat([best_dist, d], 1).topk(k, dim=1, largest=False)

@@ -18,9 +18,15 @@ Where the texture comes from:
 - "noise": the Perlin field itself as a grey texture (anomalib's generator without a source folder, which
   DSR's third phase uses).
 
-Differences from anomalib, all for batching on the device: the random numbers come from one generator
-passed in (reproducible per worker and step), AutoAugment is left out of the augmentation list (its
-policies are built from the same operations), and hue is rotated in YIQ space rather than HSV.
+Differences from anomalib, all for batching on the device: the random numbers come from the generator
+passed in (reproducible), AutoAugment is left out of the augmentation list (its policies are built from
+the same operations), and hue is rotated in YIQ space rather than HSV.
+
+Given one generator, a batch is drawn at once. Given a list, one generator per image (the runner's
+batch["generators"], seeded by the image's row in the training set), each image is drawn alone from its
+own: its anomaly no longer depends on the worker or the batch it came in. The "self" texture of an image
+drawn alone is cut from the image itself (there is no other image it could take without depending on
+its batch).
 Images are floats in [0, 1] (both models are trained on unnormalized images, as in anomalib).
 """
 
@@ -54,6 +60,13 @@ def _uniform(shape, low: float, high: float, generator, device) -> torch.Tensor:
 
 def _randint(high: int, shape, generator, device, low: int = 0) -> torch.Tensor:
     return torch.randint(low, high, shape, generator=generator, device=generator.device).to(device)
+
+
+def _one_each(generators, batch: int) -> list[torch.Generator]:
+    generators = list(generators)
+    if len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for {batch} images: give one generator, or one per image")
+    return generators
 
 
 # --- Perlin noise and masks ----------------------------------------------------------------------------
@@ -123,7 +136,13 @@ def perlin_masks(batch: int, height: int, width: int, generator: torch.Generator
                  return_fields: bool = False):
     """(batch, 1, height, width) binary float masks: rotated Perlin noise > 0.5. Each image gets a mask
     with probability `probability` (else all zeros); `redraw_empty` redraws empty masks up to 10 times.
-    With `return_fields`, also the (batch, height, width) noise fields the masks came from."""
+    With `return_fields`, also the (batch, height, width) noise fields the masks came from.
+    `generator` may be a list of `batch` generators: each mask then comes from its own (module docstring)."""
+    if not isinstance(generator, torch.Generator):
+        drawn = [perlin_masks(1, height, width, g, device, probability=probability, rotation=rotation,
+                              redraw_empty=redraw_empty, return_fields=True) for g in _one_each(generator, batch)]
+        masks, fields = torch.cat([m for m, _ in drawn]), torch.cat([f for _, f in drawn])
+        return (masks, fields) if return_fields else masks
     device = torch.device(device)
     fields = _perlin_fields(batch, height, width, generator, device, rotation)
     if redraw_empty:
@@ -295,7 +314,8 @@ class TextureFolder:
 class SyntheticAnomalyGenerator:
     """(images, generator) -> (augmented images, masks (B, 1, H, W) in {0, 1}); see the module docstring.
 
-    `textures`: a folder path, "self" (patches of the training batch) or "noise" (the Perlin field).
+    `textures`: a folder path, "self" (patches of the training batch; of the image itself when drawn per
+    image) or "noise" (the Perlin field).
     """
 
     def __init__(self, textures: str | Path = "self", *, probability: float = 0.5,
@@ -320,7 +340,11 @@ class SyntheticAnomalyGenerator:
             source = (fields[:, None] * 0.5 + 0.25).expand(-1, 3, -1, -1).clamp(0, 1)
         return augment_textures(source, generator, self.augmentations)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`generator`: one for the whole batch, or a list with one per image (module docstring)."""
+        if not isinstance(generator, torch.Generator):
+            drawn = [self(images[i : i + 1], g) for i, g in enumerate(_one_each(generator, len(images)))]
+            return torch.cat([a for a, _ in drawn]), torch.cat([m for _, m in drawn])
         batch, _, height, width = images.shape
         masks, fields = perlin_masks(batch, height, width, generator, images.device, probability=self.probability,
                                      rotation=self.rotation, return_fields=True)

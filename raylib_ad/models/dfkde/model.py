@@ -38,8 +38,8 @@ class DFKDE(AnomalyModel):
         self.register_buffer("max_length", torch.ones(1))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        maps = [self.feature_extractor(images)[layer] for layer in self.layers]
-        return torch.cat([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in maps], dim=1)
+        features = self.feature_extractor(images)  # one backbone pass for all the layers
+        return torch.cat([F.adaptive_avg_pool2d(features[layer], 1).flatten(1) for layer in self.layers], dim=1)
 
     def _scale(self, projected: torch.Tensor) -> torch.Tensor:
         if self.settings["feature_scaling_method"] == "norm":

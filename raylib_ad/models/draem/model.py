@@ -129,8 +129,9 @@ class Draem(AnomalyModel):
         return self._augmenter
 
     def augment(self, batch: dict, generator: torch.Generator) -> dict:
-        """Optimize.augment: adds the corrupted images ("augmented") and their masks ("mask")."""
-        augmented, masks = self.augmenter()(batch["image"], generator)
+        """Optimize.augment: adds the corrupted images ("augmented") and their masks ("mask"). Drawn per image
+        from the runner's batch["generators"] (the same anomaly on any worker), else from `generator`."""
+        augmented, masks = self.augmenter()(batch["image"], batch.get("generators", generator))
         return {**batch, "augmented": augmented, "mask": masks}
 
     def losses(self, images: torch.Tensor, out: dict[str, torch.Tensor],

@@ -6,6 +6,9 @@ excluding the nearest 5% of the codebook (too similar to be an anomaly), with k 
 size and strength ~ U(latent_anomaly_strength, 1) per image. Per image, the anomaly goes into the top
 level (and the bottom codes recomputed from it are disturbed too), or into one level only; the target
 mask is the mask pooled to the disturbed level's resolution.
+
+`generator`: one for the batch, or a list with one per image (the runner's batch["generators"]): then
+every draw for an image comes from its own generator, whatever worker or batch the image is in.
 """
 
 from __future__ import annotations
@@ -22,8 +25,19 @@ def _rand(shape, generator: torch.Generator, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
+def _per_image(batch: int, shape: tuple[int, ...], generator, device) -> torch.Tensor:
+    """(batch, *shape) uniforms: from one generator, or row i from generator[i]."""
+    if isinstance(generator, torch.Generator):
+        return _rand((batch, *shape), generator, device)
+    return torch.cat([_rand((1, *shape), g, device) for g in generator])
+
+
+def _of_image(generator, k: int) -> torch.Generator:
+    return generator if isinstance(generator, torch.Generator) else generator[k]
+
+
 def replace_codes(features: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor,
-                  strength: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+                  strength: torch.Tensor, generator) -> torch.Tensor:
     """codes (B, D, h, w) with the positions under `mask` (B, 1, H, W) replaced by far-but-not-too-far
     codes of `codebook` (K, D), chosen by distance to `features` (the unquantized vectors)."""
     batch, dim, height, width = codes.shape
@@ -43,7 +57,7 @@ def replace_codes(features: torch.Tensor, codes: torch.Tensor, codebook: torch.T
         band = distances <= upper
         if skip > 0:
             band &= distances > distances.kthvalue(skip, dim=1, keepdim=True).values
-        score = _rand(distances.shape, generator, distances.device).masked_fill_(~band, -1.0)
+        score = _rand(distances.shape, _of_image(generator, k), distances.device).masked_fill_(~band, -1.0)
         chosen = codebook[score.argmax(1)].view(height, width, dim).permute(2, 0, 1)
         replaced[k] = torch.where(small[k] > 0, chosen.to(codes.dtype), codes[k])
     return replaced
@@ -57,14 +71,14 @@ def _pooled_back(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_anomalies(model: DiscreteLatentModel, images: torch.Tensor, mask: torch.Tensor, min_strength: float,
-                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+                     generator) -> dict[str, torch.Tensor]:
     """Returns the clean codes (quantized_t, quantized_b), the disturbed ones (anomaly_top, anomaly_bot),
     the general decoder's image of the disturbed codes (recon_image) and the target mask (anomaly_mask)."""
     batch, device = images.shape[0], images.device
     clean = model(images)
     q_top, q_bot = clean["quantized_t"], clean["quantized_b"]
-    strength_lo = _rand((batch,), generator, device) * (1 - min_strength) + min_strength
-    strength_hi = _rand((batch,), generator, device) * (1 - min_strength) + min_strength
+    strength_lo = _per_image(batch, (), generator, device) * (1 - min_strength) + min_strength
+    strength_hi = _per_image(batch, (), generator, device) * (1 - min_strength) + min_strength
     # Both levels: disturb the top codes, recompute the bottom features from them, disturb those too.
     top_both = replace_codes(clean["z_top"], q_top, model.vq_top.codebook, mask, strength_lo, generator)
     z_bot_both = model.bottom_features(clean["enc_b"], top_both)
@@ -74,7 +88,7 @@ def latent_anomalies(model: DiscreteLatentModel, images: torch.Tensor, mask: tor
     bot_only = replace_codes(clean["z_bot"], q_bot, model.vq_bot.codebook, mask, strength_hi, generator)
 
     def coin() -> torch.Tensor:
-        return (_rand((batch, 1, 1, 1), generator, device) < 0.5).to(q_top.dtype)
+        return (_per_image(batch, (1, 1, 1), generator, device) < 0.5).to(q_top.dtype)
 
     use_both, use_lo = coin(), coin()
     use_hi = 1 - use_lo

@@ -213,8 +213,8 @@ class Dsr(AnomalyModel):
     def latent_masks(self, batch: dict, generator: torch.Generator) -> dict:
         """Phase-2 augmentation: anomalib's DsrAnomalyGenerator, Perlin masks on half of the images."""
         images = batch["image"]
-        masks = perlin_masks(len(images), images.shape[-2], images.shape[-1], generator, images.device,
-                             probability=0.5, redraw_empty=False)
+        masks = perlin_masks(len(images), images.shape[-2], images.shape[-1], batch.get("generators", generator),
+                             images.device, probability=0.5, redraw_empty=False)
         return {**batch, "mask": masks}
 
     def main_step(self, ctx) -> None:
@@ -222,7 +222,8 @@ class Dsr(AnomalyModel):
         images = ctx.batch["image"]
         with torch.no_grad():
             sim = latent_anomalies(self.discrete_latent_model, images, ctx.batch["mask"],
-                                   float(self.settings["latent_anomaly_strength"]), ctx.generator)
+                                   float(self.settings["latent_anomaly_strength"]),
+                                   ctx.batch.get("generators", ctx.generator))
         specific, feat_hi, feat_lo = self._restore(sim["anomaly_top"], sim["anomaly_bot"], ctx.modules)
         logits = ctx.modules["anomaly_detection_module"](specific.detach(), sim["recon_image"])
         parts = {
@@ -241,7 +242,7 @@ class Dsr(AnomalyModel):
         itself is the texture; probability 0.5, blend (0.2, 1.0))."""
         if self._perlin is None:
             self._perlin = SyntheticAnomalyGenerator("noise", probability=0.5, blend=(0.2, 1.0))
-        augmented, masks = self._perlin(batch["image"], generator)
+        augmented, masks = self._perlin(batch["image"], batch.get("generators", generator))
         return {**batch, "augmented": augmented, "mask": masks}
 
     def upsampling_step(self, ctx) -> None:

@@ -8,10 +8,10 @@ across workers, then turned into means and covariances once.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..base import AnomalyModel, AnomalyOutput, register_model
 from ..components.blur import GaussianBlur2d
-from ..components.embedding import concat_layers, to_patches
 from ..components.gaussian import Moments
 from ...progress import progress_bar
 
@@ -49,10 +49,20 @@ class Padim(AnomalyModel):
         self.blur = GaussianBlur2d(sigma=4.0)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, h*w, n_features) contiguous patch features and the grid size (h, w): the layers resized
+        (nearest) to the first layer's grid, concatenated, then the random channel subset. Concatenated
+        in (B, h, w, C) order (the channels_last features' own layout), so that the subset and the patch
+        rows come out contiguous without transposing copies (the same values)."""
         features = self.feature_extractor(images)
-        embedding = concat_layers(features, self.layers, mode="nearest")
-        embedding = embedding.index_select(1, self.feature_index)
-        return to_patches(embedding), tuple(embedding.shape[-2:])
+        size = features[self.layers[0]].shape[-2:]
+        parts = []
+        for layer in self.layers:
+            x = features[layer]
+            if x.shape[-2:] != size:
+                x = F.interpolate(x, size=size, mode="nearest")
+            parts.append(x.permute(0, 2, 3, 1))
+        embedding = torch.cat(parts, dim=-1).index_select(-1, self.feature_index)  # (B, h, w, n_features)
+        return embedding.flatten(1, 2), tuple(size)
 
     def fit(self, batches, progress: bool = False) -> None:
         self.eval()
@@ -67,9 +77,11 @@ class Padim(AnomalyModel):
         if self.mean.numel() == 0:
             raise RuntimeError("PaDiM is not fitted: fit() it or load a trained model first")
         patches, (h, w) = self.embed(images)
-        delta = patches - self.mean.unsqueeze(0)  # (B, P, C)
-        # One batched matmul per position: (P, B, C) @ (P, C, C)
-        left = torch.bmm(delta.transpose(0, 1), self.inv_covariance).transpose(0, 1)
-        dist = (left * delta).sum(-1).clamp_min(0).sqrt()  # (B, P)
-        amap = self.blur(self.upsample(dist.view(-1, 1, h, w)))[:, 0]
+        # Position-major (P, B, C), contiguous: one batched matmul per position, (P, B, C) @ (P, C, C),
+        # without bmm copying a strided operand position by position.
+        delta = patches.transpose(0, 1).contiguous().sub_(self.mean.unsqueeze(1))
+        left = torch.bmm(delta, self.inv_covariance)
+        dist = (left.mul_(delta)).sum(-1).clamp_min_(0).sqrt_().T  # (B, P)
+        # anomalib: bilinear upsampling, then the Gaussian blur; both as two small matrix products.
+        amap = self.blur.upsample_and_blur(dist.reshape(-1, 1, h, w), (self.image_size, self.image_size))[:, 0]
         return AnomalyOutput(score=amap.amax(dim=(1, 2)), anomaly_map=amap)

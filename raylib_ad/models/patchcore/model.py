@@ -132,11 +132,10 @@ class PatchCore(AnomalyModel):
 
     def anomaly_map(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """(B, 1, h, w) patch distances -> (B, S, S): upsampling (`upsample_mode`; anomalib: nearest), then
-        anomalib's Gaussian blur (sigma 4, kernel 33, reflect padding)."""
-        if self.settings["upsample_mode"] == "nearest":
-            size = (self.image_size, self.image_size)
-            return self.blur(F.interpolate(patch_scores, size=size, mode="nearest"))[:, 0]
-        return self.blur(self.upsample(patch_scores))[:, 0]
+        anomalib's Gaussian blur (sigma 4, kernel 33, reflect padding). Both steps as two small matrix
+        products (GaussianBlur2d.upsample_and_blur: equal up to float rounding, ~30x cheaper)."""
+        size = (self.image_size, self.image_size)
+        return self.blur.upsample_and_blur(patch_scores, size, self.settings["upsample_mode"])[:, 0]
 
     def reweighted_score(self, patch_scores, locations, patches) -> torch.Tensor:
         """Paper eq. 7: damp the max patch distance when its nearest bank entry sits in a dense region."""
