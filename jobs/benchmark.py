@@ -12,6 +12,10 @@ gradient-trained models also training images/second (per worker) and its scaling
     # the model code alone, no Ray (e.g. on a GPU machine that has no Ray installed):
     python jobs/benchmark.py --no-ray --device cuda ...
 
+    # latency and batch throughput of trained models (model directories of `raylib-ad train`) beside the
+    # bare backbone (timm's whole classifier at the same image size), 2 CPU threads:
+    python jobs/benchmark.py --latency runs/efficient_ad/model runs/patchcore/model --backbone tf_efficientnet_lite0
+
 Prints a markdown table and writes DIR/results.json and DIR/results.md.
 """
 
@@ -158,6 +162,62 @@ def scaling(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _timed(forward, images, repeats: int, device: str) -> list[float]:
+    import torch
+
+    seconds = []
+    with torch.inference_mode():
+        forward(images)  # warm-up: first-call allocations, oneDNN kernel selection
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            forward(images)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def latency_table(args) -> int:
+    """Single-image latency (p50/p90 of 30 calls) and batch throughput of each trained model's forward
+    (pre-processed input: decoding is the same for every model) beside the bare backbone."""
+    import numpy as np
+    import timm
+    import torch
+
+    from raylib_ad.artifact import read_model
+
+    torch.set_num_threads(args.threads)
+    models = [read_model(d, device=args.device) for d in args.latency]
+    candidates = [(f"{m.name} ({Path(d).resolve().parent.name})", m) for d, m in zip(args.latency, models)]
+    backbone = timm.create_model(args.backbone, pretrained=False).eval().to(args.device)
+    candidates.append((f"bare {args.backbone} (timm classifier)", backbone))
+    rows = []
+    for name, model in candidates:
+        model.eval()
+        size = getattr(model, "image_size", args.image_size)
+        one = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
+        batch = one.expand(args.batch_size, -1, -1, -1).contiguous()
+        single = np.array(_timed(model, one, 30, args.device)) * 1000
+        batched = _timed(model, batch, 3, args.device)
+        rows.append({"model": name, "image_size": size, "latency_ms_p50": float(np.percentile(single, 50)),
+                     "latency_ms_p90": float(np.percentile(single, 90)),
+                     "batch_images_per_second": args.batch_size / float(np.median(batched)),
+                     "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6})
+        print(json.dumps(rows[-1]), flush=True)
+    header = (f"latency: {args.device}, {args.threads} threads, batch {args.batch_size}; {hardware()}")
+    lines = [header, "", "| model | px | latency p50 ms | p90 ms | batch img/s | params M |", "|---" * 6 + "|"]
+    lines += [f"| {r['model']} | {r['image_size']} | {r['latency_ms_p50']:.1f} | {r['latency_ms_p90']:.1f} | "
+              f"{r['batch_images_per_second']:.1f} | {r['parameters_m']:.1f} |" for r in rows]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps({"setup": header, "results": rows}, indent=2))
+    (out / "latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="patchcore,padim,dfm,dfkde")
@@ -176,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ray", action="store_true", help="time the model code in this process only")
     parser.add_argument("--device", default="cpu", help="with --no-ray: cpu or cuda")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--latency", nargs="+", metavar="MODEL_DIR", help="only time these trained models "
+                        "and the bare --backbone: single-image latency and --batch-size throughput")
+    parser.add_argument("--threads", type=int, default=2, help="with --latency: torch CPU threads")
     args = parser.parse_args(argv)
+    if args.latency:
+        return latency_table(args)
     from raylib_ad.models import model_class
 
     worker_counts = [int(w) for w in str(args.workers).split(",")]
