@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
             "train_images": counts["train"], "test_images": n_test, "test_good": counts["test_good"],
             "test_defective": counts["test_defective"],
             "fit_seconds": round(fit_seconds, 2), "epochs": counter.epochs, "train_batches": counter.batches,
+            # Lightning ends the epoch early at max_time, and still calls on_train_epoch_end: count whole batches
+            "batches_per_epoch": -(-counts["train"] // (args.train_batch_size or args.batch_size)),
             "global_step": int(engine.trainer.global_step),
             "image_auroc": metrics.get("image_AUROC"), "pixel_auroc": metrics.get("pixel_AUROC"),
             "test_seconds": round(test_seconds, 2), "test_images_per_second": round(n_test / test_seconds, 2),

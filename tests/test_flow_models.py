@@ -347,3 +347,72 @@ def test_bad_settings_name_the_key_and_value(name, key, value):
     with pytest.raises(ConfigError) as err:
         build(name, **{key: value})
     assert key in str(err.value) and repr(value) in str(err.value)
+
+
+# -- speed-only rewrites give the results of the plain computation (components/fast_flow.py, CFA) -------
+@pytest.mark.parametrize("rank_shape", [(5, 12), (2, 12, 3, 3)])
+def test_gather_permutation_equals_freia_matrix_permutation(rank_shape):
+    from FrEIA.modules import AllInOneBlock
+
+    from raylib_ad.models.components.fast_flow import PermutingAllInOneBlock
+    from raylib_ad.models.components.flow_utils import seeded
+
+    channels, rest = rank_shape[1], list(rank_shape[2:])
+
+    def subnet(cin, cout):
+        return torch.nn.Conv2d(cin, cout, 1) if rest else torch.nn.Linear(cin, cout)
+
+    blocks = []
+    for cls in (AllInOneBlock, PermutingAllInOneBlock):
+        with seeded(3):
+            blocks.append(cls([(channels, *rest)], subnet_constructor=subnet, reverse_permutation=True))
+    plain, fast = blocks
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+    x = torch.randn(*rank_shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    (y_plain,), jac_plain = plain([x])
+    (y_fast,), jac_fast = fast([x])
+    torch.testing.assert_close(y_fast, y_plain, rtol=0, atol=0)  # a gather is the matrix product exactly
+    torch.testing.assert_close(jac_fast, jac_plain, rtol=0, atol=0)
+    (g_plain,) = torch.autograd.grad(y_plain.square().sum(), x)
+    (g_fast,) = torch.autograd.grad(y_fast.square().sum(), x)
+    torch.testing.assert_close(g_fast, g_plain)
+    (x_back,), _ = fast([y_fast.detach()], rev=True)
+    torch.testing.assert_close(x_back, x.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_adam_takes_the_plain_adam_steps():
+    from raylib_ad.models.components.fast_flow import adam
+
+    for decoupled, kwargs in ((False, {"lr": 1e-2, "eps": 1e-4, "weight_decay": 1e-5, "betas": (0.5, 0.9)}),
+                              (True, {"lr": 1e-2, "weight_decay": 5e-4, "amsgrad": True})):
+        start = torch.randn(50, generator=torch.Generator().manual_seed(0))
+        plain_p, fast_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+        plain = (torch.optim.AdamW if decoupled else torch.optim.Adam)([plain_p], **kwargs)
+        fast = adam([fast_p], decoupled=decoupled, **kwargs)
+        assert fast.defaults["fused"]
+        for step in range(5):
+            grad = torch.randn(50, generator=torch.Generator().manual_seed(step + 1))
+            for p, opt in ((plain_p, plain), (fast_p, fast)):
+                p.grad = grad.clone()
+                opt.step()
+        torch.testing.assert_close(fast_p, plain_p, rtol=1e-6, atol=1e-7)
+
+
+def test_cfa_selected_distances_give_the_full_matrix_loss_and_gradient():
+    model = build("cfa")
+    prepare(model, images(2))
+    with torch.no_grad():
+        features = model.frozen_features(images(2, seed=1))
+    descriptors = model.descriptor(features).detach().requires_grad_(True)
+    k, j = model.settings["num_nearest_neighbors"], model.settings["num_hard_negative_features"]
+    # The plain computation: all squared distances in autograd, anomalib's expression and topk.
+    patches = descriptors.flatten(2).transpose(1, 2)
+    full = patches.pow(2).sum(2, keepdim=True) + model.memory_bank.pow(2).sum(1) - 2 * patches @ model.memory_bank.T
+    plain = model.loss(full)
+    (plain_grad,) = torch.autograd.grad(plain, descriptors)
+    fast = model.descriptor_loss(descriptors)
+    (fast_grad,) = torch.autograd.grad(fast, descriptors)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-4 * float(plain_grad.abs().max()))
+    torch.testing.assert_close(model.distances(descriptors), full)
+    assert model.nearest_distances(descriptors, k + j).shape == (*full.shape[:2], k + j)

@@ -135,10 +135,11 @@ def test_validation_points_inside_epochs_form_the_curve_and_keep_the_best():
     model = Validated(image_size=SIZE)
     fit = fit_in_process(model, images(7), labelled(6), batch_size=3, val_every_minutes=1e-9)
     curve = fit.val_curve
-    # a point before each of the 3 steps of each of 3 epochs, and one at each epoch's end
-    assert len(curve) == 3 * 3 + 3
-    assert [p["epoch"] for p in curve] == [0] * 4 + [1] * 4 + [2] * 4
-    assert [p["step"] for p in curve] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9]
+    # a point before the 2nd and 3rd of the 3 steps of each of 3 epochs (before the 1st, the model is the
+    # one the previous epoch's end validated), and one at each epoch's end
+    assert len(curve) == 3 * 2 + 3
+    assert [p["epoch"] for p in curve] == [0] * 3 + [1] * 3 + [2] * 3
+    assert [p["step"] for p in curve] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert all(0 <= p["val_image_auroc"] <= 1 for p in curve)
     minutes = [p["minutes"] for p in curve]
     assert minutes == sorted(minutes)

@@ -211,7 +211,8 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                     break
                 if config.max_minutes is not None and elapsed >= 60 * config.max_minutes and epoch_steps:
                     break  # the budget ends inside an epoch too: one DRAEM epoch on 2 CPU cores outlasts most
-                if next_point is not None and elapsed >= next_point:
+                if next_point is not None and elapsed >= next_point and epoch_steps:  # (at an epoch's first
+                    # step the model is the one the previous epoch's end just validated)
                     next_point += 60 * config.val_every_minutes
                     best_state = _validation_point(model, stage, io, worker_batch, progress, epoch, elapsed,
                                                    best_state)

@@ -18,11 +18,11 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from FrEIA.framework import SequenceINN
-from FrEIA.modules import AllInOneBlock
 from torch import nn
 
 from ... import distributed
 from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.fast_flow import PermutingAllInOneBlock, adam
 from ..components.flow_utils import check_layers, full_precision, is_int, is_number, seeded
 from ..recipe import Calibrate, Optimize, OptimizerSpec, Stage, StepContext
 
@@ -55,7 +55,8 @@ def cflow_decoder(channels: int, condition: int, blocks: int, clamp: float, perm
     """One scale's conditional flow over C-dimensional feature vectors."""
     flow = SequenceINN(channels)
     for _ in range(blocks):
-        flow.append(AllInOneBlock, cond=0, cond_shape=(condition,), subnet_constructor=_fc_subnet,
+        # FrEIA's AllInOneBlock with its hard permutation as a gather (components/fast_flow.py).
+        flow.append(PermutingAllInOneBlock, cond=0, cond_shape=(condition,), subnet_constructor=_fc_subnet,
                     affine_clamping=clamp, global_affine_type="SOFTPLUS", permute_soft=permute_soft)
     return flow
 
@@ -164,7 +165,8 @@ class Cflow(AnomalyModel):
         # One Adam over all decoders, as anomalib. A fiber step backpropagates through one decoder only;
         # zero_grad(set_to_none) leaves the others' gradients None, so Adam leaves them untouched.
         params = [p for p in self.decoders.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=float(self.settings["lr"])), None
+        # Fused Adam: same update, ~5x less time per fiber step's optimizer step (components/fast_flow.py).
+        return adam(params, lr=float(self.settings["lr"])), None
 
     def recipe(self) -> list[Stage]:
         optimizer, _ = self.configure_optimizers()

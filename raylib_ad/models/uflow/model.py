@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..base import AnomalyModel, AnomalyOutput, register_model
+from ..components.fast_flow import PermutingAllInOneBlock, adam
 from ..components.flow_utils import check_layers, feature_side, geometry_error, is_int, is_number, seeded
 from ..recipe import Optimize, OptimizerSpec, Stage, StepContext
 from . import nfa
@@ -50,7 +51,8 @@ def build_uflow_graph(dims: list[tuple[int, int, int]], flow_steps: int, clamp: 
         nodes = []
         for step in range(flow_steps):
             # 3x3 and 1x1 subnets alternate, as in anomalib and the paper.
-            nodes.append(Ff.Node(node, Fm.AllInOneBlock, {
+            # FrEIA's AllInOneBlock, hard permutation as a gather (components/fast_flow.py).
+            nodes.append(Ff.Node(node, PermutingAllInOneBlock, {
                 "subnet_constructor": affine_subnet(3 if step % 2 == 0 else 1, channels_ratio),
                 "affine_clamping": clamp, "permute_soft": permute_soft}, name=f"flow{tag}_step{step}"))
             node = nodes[-1]
@@ -185,8 +187,7 @@ class Uflow(AnomalyModel):
     def configure_optimizers(self):
         lr = float(self.settings["lr"])
         params = [p for p in self.head.parameters() if p.requires_grad]  # not the fixed permutations
-        optimizer = torch.optim.Adam([{"params": params, "initial_lr": lr}], lr=lr,
-                                     weight_decay=1e-5)
+        optimizer = adam([{"params": params, "initial_lr": lr}], lr=lr, weight_decay=1e-5)  # fused: fast_flow.py
         scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.4,
                                                       total_iters=LR_DECAY_STEPS)
         return optimizer, scheduler
