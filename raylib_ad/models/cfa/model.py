@@ -192,9 +192,10 @@ class Cfa(AnomalyModel):
         with full_precision(patches):
             # _RANK_ROWS patches at a time: a (rows, N) block stays small and reused (the full matrix was 1 GB
             # for 16 images at 256 px, its page faults ~20% of the time); the result is the same bit for bit.
-            for start in range(0, len(rows), _RANK_ROWS):
-                top = torch.addmm(squared_norms, rows[start : start + _RANK_ROWS], memory.T, alpha=-2).topk(
-                    count, largest=False)
+            # A traced graph (ONNX export) takes all rows at once: a loop or slice would fix the batch size.
+            tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+            for block in [rows] if tracing else rows.split(_RANK_ROWS):
+                top = torch.addmm(squared_norms, block, memory.T, alpha=-2).topk(count, largest=False)
                 values.append(top.values)
                 index.append(top.indices)
             values = torch.cat(values).view(batch, positions, count) + patches.pow(2).sum(dim=2, keepdim=True)
