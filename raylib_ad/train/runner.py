@@ -31,15 +31,17 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from raylib_ad import distributed
-from raylib_ad.artifact import load_state_resizing, write_model_dir
+from raylib_ad.artifact import write_model_dir
 from raylib_ad.models.recipe import Collect, Optimize, main_stage
 from raylib_ad.progress import ProgressCounter
 from raylib_ad.train.extra_streams import cycle_images
 from raylib_ad.train.feature_cache import FrozenFeatureCache
 from raylib_ad.train.step_context import RunnerStepContext, loss_weight
+from raylib_ad.train.checkpoints import FINAL_MODEL, PROGRESS, checkpoint as _checkpoint  # noqa: F401 (re-exported)
+from raylib_ad.train.checkpoints import cpu_state as _cpu_state, record_point as _record_point
+from raylib_ad.train.checkpoints import restore as _restore
 from raylib_ad.train.validation import fitted_state_digest, validate
 
-TRAIN_STATE, FINAL_MODEL, PROGRESS = "train_state.pt", "model", "progress.json"
 DEFAULT_FEATURE_CACHE_MB = 3072  # per worker; see train/feature_cache.py
 
 
@@ -79,11 +81,6 @@ class RunnerConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # fail_once_at_epoch, fail_in_stage, fail_marker, fail_after_s (see _maybe_fail_for_tests)
     test_hooks: dict[str, Any] = field(default_factory=dict)
-
-
-def _fresh_progress() -> dict[str, Any]:
-    return {"stage": 0, "stage_done": False, "epoch": -1, "steps": 0, "best": -math.inf, "best_epoch": -1,
-            "stale": 0, "history": [], "val_curve": []}
 
 
 def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
@@ -134,7 +131,6 @@ def _recipe(model, config: RunnerConfig):
     if "max_epochs" in inspect.signature(model.recipe).parameters:
         return model.recipe(max_epochs=config.max_epochs), config.max_epochs is not None
     return model.recipe(), False
-
 
 
 def _collect(model, stage: Collect, io: WorkerIO, config: RunnerConfig) -> None:
@@ -314,12 +310,6 @@ def _validation_point(model, stage: Optimize, io: WorkerIO, worker_batch: int, p
     return best_state
 
 
-def _record_point(progress, metrics, epoch: int, elapsed: float) -> None:
-    point = {"minutes": round(elapsed / 60, 3), "epoch": epoch, "step": progress["steps"]}
-    point.update({k: metrics[k] for k in ("val_image_auroc", "val_pixel_auroc") if k in metrics})
-    progress.setdefault("val_curve", []).append(point)
-
-
 def _on_device(item, device):
     return {k: v.to(device) for k, v in item.items()} if isinstance(item, dict) else item.to(device)
 
@@ -369,10 +359,6 @@ def _image_generators(seed: int, stage: int, epoch: int, io: WorkerIO, taken: in
     return [torch.Generator(device=io.device).manual_seed(_mix(seed, stage, epoch, row)) for row in rows]
 
 
-def _cpu_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
 def _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, io) -> dict[str, Any]:
     """The epoch's report: per-step values averaged over every worker's images, throughput, data wait."""
     keys = sorted(sums)
@@ -386,30 +372,6 @@ def _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, 
             "train_images_per_second_per_worker": images / train_seconds / io.world_size,
             "train_images": int(images), "from_feature_cache": from_cache,
             "data_wait_fraction": waited / train_seconds}
-
-
-def _checkpoint(model, io: WorkerIO, progress, metrics, specs, best_state) -> None:
-    """Rank 0 writes the training state; every worker reports (Ray Train needs every rank's report)."""
-    directory = None
-    if io.rank == 0:
-        directory = tempfile.mkdtemp(prefix="raylib_ad_ckpt_")
-        torch.save({"model": model.state_dict(), "best_state": best_state, "progress": progress,
-                    "optimizers": {name: {"optimizer": spec.optimizer.state_dict(),
-                                          "scheduler": spec.scheduler.state_dict() if spec.scheduler else None}
-                                   for name, spec in specs.items()}}, Path(directory) / TRAIN_STATE)
-        (Path(directory) / PROGRESS).write_text(json.dumps(progress, default=float))
-    io.report(dict(metrics), directory)
-
-
-def _restore(io: WorkerIO, model) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    directory = io.restore()
-    if directory is None or not (Path(directory) / TRAIN_STATE).is_file():
-        return _fresh_progress(), None
-    state = torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
-    load_state_resizing(model, state["model"])
-    model.to(io.device)
-    state["progress"].setdefault("val_curve", [])  # checkpoints written before the curve existed
-    return state["progress"], state
 
 
 def _final_report(model, recipe, io: WorkerIO, progress, clock) -> dict[str, Any]:
