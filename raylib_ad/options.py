@@ -105,7 +105,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
-    parser.add_argument("--cpus-per-worker", type=float, help="default: 1, or less on a small machine")
+    parser.add_argument("--cpus-per-worker", type=float,
+                        help="default: every CPU but one, shared out in whole CPUs (a worker runs that many torch "
+                        "threads); less than 1 on a small machine")
     parser.add_argument("--batch-size", type=int, help="global training batch, images per optimizer step (default: "
                         "anomalib's for the model, 32 for most; EfficientAD 1 per worker); also the scoring batch")
     parser.add_argument("--max-epochs", type=int, help="gradient models: epochs (default: the model's)")

@@ -79,6 +79,25 @@ def test_a_worker_killed_in_a_later_stage_resumes_in_that_stage(ray_cluster, syn
         assert best(torch.zeros(1, 3, SIZE, SIZE)).anomaly_map.shape == (1, SIZE, SIZE)
 
 
+def test_cfa_killed_while_training_resumes_with_its_collected_memory(ray_cluster, synthetic_root, tmp_path):
+    """CFA's recipe is a Collect stage (the memory of patch centres) then its Optimize stage. Killed in
+    epoch 1 of training, the run restores the epoch-0 checkpoint: the memory comes back with the weights
+    (an empty memory would leave a model that cannot score) and training goes on from epoch 1."""
+    marker = tmp_path / "failed-once"
+    tiny = {"backbone": "resnet18", "pretrained": False, "layers": ["layer1", "layer2", "layer3"]}
+    result, _ = fit(synthetic_root, tmp_path, "cfa", tiny, max_epochs=2,
+                    test_hooks={"fail_once_at_epoch": 1, "fail_in_stage": "train", "fail_marker": str(marker)})
+    assert marker.exists() and result.restarts == 1
+    assert result.metrics["stages"] == ["collect:memory", "optimize:train"]
+    assert [(h["stage"], h["epoch"]) for h in result.history] == [("train", 0), ("train", 1)]
+    model = read_model(result.model_dir)
+    grid = model.grid[0] * model.grid[1]
+    assert model.memory_bank.shape[0] == grid and torch.isfinite(model.memory_bank).all()
+    with torch.no_grad():
+        output = model(torch.zeros(2, 3, SIZE, SIZE))
+    assert output.anomaly_map.shape == (2, SIZE, SIZE) and torch.isfinite(output.score).all()
+
+
 def test_early_stopping_ends_the_run(ray_cluster, synthetic_root, tmp_path, lite0_available):
     result, _ = fit(synthetic_root, tmp_path, "fastflow", {"flow_steps": 2}, workers=1, max_epochs=20, patience=1)
     # Patience 1: the run stops at the first epoch that does not beat the best so far.

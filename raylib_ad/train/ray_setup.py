@@ -117,3 +117,9 @@ def _local_object_store_bytes() -> int:
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def largest_node_cpus() -> float:
+    """The CPUs of the cluster's largest live node: a Train worker must fit on one node."""
+    sizes = [float(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    return max(sizes, default=cluster_cpus())

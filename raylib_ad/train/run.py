@@ -89,7 +89,7 @@ def runner_config(run: PreparedRun):
 
 def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
     """The Ray part of a run: deal the images to the workers, run the model's recipe, fetch the model."""
-    from raylib_ad.train.ray_setup import cluster_cpus, ensure_ray
+    from raylib_ad.train.ray_setup import cluster_cpus, ensure_ray, largest_node_cpus
     from raylib_ad.train.ray_train import fit_on_ray
     from raylib_ad.train.resources import cpus_per_worker
 
@@ -102,7 +102,8 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
         console.attach_ray()
     fit = fit_on_ray(run.cls.name, run.model_kwargs, run.train_rows, run.val_rows, runner_config(run),
                      workers=o.workers, gpus_per_worker=o.gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker(cluster_cpus(), o.workers, o.cpus_per_worker),
+                     cpus_per_worker=cpus_per_worker(cluster_cpus(), o.workers, o.cpus_per_worker,
+                                                     largest_node_cpus=largest_node_cpus()),
                      storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", callbacks=callbacks,
                      relay_progress=console is not None and o.progress)
     digests = fit.metrics.get("worker_digests")  # reported by recipes whose workers must agree bitwise

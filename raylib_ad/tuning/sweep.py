@@ -151,7 +151,7 @@ def _tune(opts: SweepOptions, trials: list[Trial], out: Path) -> dict[str, dict[
 
     total_cpus = cluster_cpus()
     workers = opts.base.workers
-    cpw = opts.base.cpus_per_worker or cpus_per_worker(total_cpus, workers)
+    cpw = opts.base.cpus_per_worker or cpus_per_worker(total_cpus, workers, spread=False)  # trials side by side
     base = replace(opts.base, cpus_per_worker=cpw, gpus_per_worker=opts.gpus_per_trial / max(workers, 1))
     # Trials in flight: their Train workers must leave one CPU to Ray Data's decode tasks, or every
     # trial waits for its dataset forever (docs/design.md, "Small machines").
