@@ -14,14 +14,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -64,7 +67,17 @@ class RayWorkerIO:
 
     def restore(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
-        return None if checkpoint is None else Path(checkpoint.to_directory())
+        if checkpoint is None:
+            return None
+        if isinstance(checkpoint.filesystem, pa.fs.LocalFileSystem):
+            # Read in place. Checkpoint.to_directory() copies into one directory per node for every worker,
+            # and a worker that takes its download lock after another has finished copies again over the
+            # files that one is reading: a restarted run failed at random with a truncated train_state.pt.
+            return Path(checkpoint.path)
+        # Remote storage: a copy of its own for each worker, so there is no shared directory to race on.
+        local = tempfile.mkdtemp(prefix="raylib_ad_restore_")
+        atexit.register(shutil.rmtree, local, True)
+        return Path(checkpoint.to_directory(local))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
