@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             z, log_jac = model.flow([f[index] for f in train_features])
             if loss_kind == "anomalib":  # anomalib sums log|det J| over the batch before the per-sample mean
                 log_jac = log_jac.sum().expand_as(log_jac)
-            loss = model.loss(z, log_jac)
+            loss = model.loss(z, log_jac, "per_sample")  # the anomalib variant summed log_jac above
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.flow.parameters(), model.gradient_clip_val)

@@ -32,6 +32,30 @@ CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "weights.safetensors", "s
 PREDICTION_FIELDS = ("score", "normalized_score", "is_anomalous", "threshold")
 
 
+def make_readable(directory: str | os.PathLike) -> None:
+    """The modes a folder made by mkdir would have (0755 / 0644 under the usual umask 022): mkdtemp makes
+    its folders 0700, and safetensors writes 0600 files, so a folder staged there and renamed into place
+    would be unreadable to every other user (a serving account, a colleague)."""
+    umask = _umask()
+    root = Path(directory)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without setting it (os.umask sets it, for every thread of the process)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_model_dir(model: AnomalyModel, directory: str | os.PathLike, stats: dict | None = None) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +66,7 @@ def write_model_dir(model: AnomalyModel, directory: str | os.PathLike, stats: di
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         if stats is not None:
             (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        make_readable(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

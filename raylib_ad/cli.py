@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--verbose", action="store_true", help="--out: print Ray's own output too (it always goes "
                          "to FILE.parquet.ray.log)")
 
-    sub.add_parser("models", help="list the available models")
+    models = sub.add_parser("models", help="list the available models; with a NAME, every setting of that model "
+                            "(--set key=value) with its default and valid values")
+    models.add_argument("name", nargs="?", help="a model name: list its settings")
 
     export = sub.add_parser("export", help="export a trained model for machines without torch (ONNX / OpenVINO); "
                             "raylib_ad.load, predict and serve run the export directory")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             return _predict(args)
         if args.command == "models":
-            return _models()
+            return _models(args.name)
         if args.command == "export":
             return _export(args)
         if args.command == "evaluate":
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         _print_ray_log_tail(earlier)
         print(f"raylib-ad: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, no traceback (nothing went wrong)
+        said = str(interrupt)  # what the interrupted step left, where it says (scoring/batch.py)
+        print(f"\nraylib-ad: interrupted{'; ' + said if said else _resume_hint(args)}", file=sys.stderr)
+        return 130
     except BaseException:
         _print_ray_log_tail(earlier)
         raise
@@ -123,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         if console is not None and console is not earlier:
             console.close()
     return 1
+
+
+def _resume_hint(args) -> str:
+    """What an interrupted command left, where it matters."""
+    if args.command == "predict" and getattr(args, "out", None):
+        return (f"; the images scored so far are kept in {args.out}: the same command again scores only the "
+                "rest")
+    return ""
 
 
 def _print_ray_log_tail(earlier=None, lines: int = 30) -> None:
@@ -233,7 +247,7 @@ def _predict(args) -> int:
 
 def _predict_in_process(trained, paths: list[str], args) -> int:
     from raylib_ad.artifact import PREDICTION_FIELDS
-    from raylib_ad.postprocess.plots import anomaly_map_png
+    from raylib_ad.postprocess.plots import anomaly_map_png, image_size
 
     maps_dir = Path(args.maps) if args.maps else None
     if maps_dir:
@@ -247,7 +261,9 @@ def _predict_in_process(trained, paths: list[str], args) -> int:
                 line["boxes"] = result["boxes"]
             if maps_dir is not None and result.get("normalized_map") is not None:
                 png = maps_dir / f"{Path(path).stem}_map.png"
-                png.write_bytes(anomaly_map_png(result["normalized_map"], vmin=0.0, vmax=1.0))
+                # at the image's own size, the deployment threshold (0.5 once normalized) outlined
+                png.write_bytes(anomaly_map_png(result["normalized_map"], vmin=0.0, vmax=1.0,
+                                                size=image_size(path), threshold=0.5))
                 line["anomaly_map_file"] = str(png)
             print(json.dumps(line), flush=True)
     return 0
@@ -263,14 +279,44 @@ def _export(args) -> int:
     return 0
 
 
-def _models() -> int:
+def _models(name: str | None = None) -> int:
     from raylib_ad.models import list_models, model_class
 
+    if name:
+        print(_model_settings(model_class(name)))
+        return 0
     for name in list_models():
         cls = model_class(name)
         training = f"{cls.default_epochs} epochs" if cls.trains_by_gradient() else "one pass or none"
         print(f"{name:22s} {training:18s} backbone={cls.default_backbone} layers={list(cls.default_layers)}")
     return 0
+
+
+def _model_settings(cls) -> str:
+    """`raylib-ad models NAME`: the model's training defaults and every --set key, its default and range."""
+    from raylib_ad.models.base import setting_ranges
+
+    ranges = setting_ranges(cls)
+    training = f"{cls.default_epochs} epochs" if cls.trains_by_gradient() else "one pass or none (no epochs)"
+    lines = [f"{cls.name}: {training}; backbone {cls.default_backbone} (--backbone), layers "
+             f"{list(cls.default_layers)} (--layers)"]
+    if cls.default_batch_size:
+        lines.append(f"default --batch-size {cls.default_batch_size}")
+    if cls.default_patience:
+        lines.append(f"default --patience {cls.default_patience}")
+    rows = [(key, json.dumps(value), ranges.get(key, "not range-checked: a value of the default's type"))
+            for key, value in sorted(cls.defaults.items())]
+    if cls.default_backbone is not None or "pretrained" in cls.defaults:
+        rows += [("pretrained", "true", "true or false (false: random weights, offline)"),
+                 ("weights", "null", "a local weights file for the backbone")]
+    if not rows:
+        lines.append("no settings")
+        return "\n".join(lines)
+    width = max(len(k) for k, _, _ in rows)
+    shown = max(len("default"), *(len(d) for _, d, _ in rows))
+    lines.append(f"settings (--set key=value):\n  {'key':<{width}}  {'default':<{shown}}  valid")
+    lines += [f"  {key:<{width}}  {default:<{shown}}  {valid}" for key, default, valid in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

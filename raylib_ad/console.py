@@ -216,8 +216,12 @@ class RayConsole:
         with self._lock:
             bar = self._bars.get(desc)
             if bar is None:
-                # Phases follow one another: a new bar closes the ones before it.
+                # Phases follow one another: a new bar closes the ones before it. One that did not finish (its
+                # worker's last record is yet to come, or another worker's phase came in between) is
+                # cleared rather than left on screen at `0/1`; a record still to come draws it again.
                 for other in self._bars.values():
+                    if other.total is not None and other.n < other.total:
+                        other.leave = False
                     other.close()
                 self._bars.clear()
                 bar = tqdm(desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=True)

@@ -16,7 +16,7 @@ import torch
 
 from raylib_ad.data.transforms import decode_all
 from raylib_ad.models import AnomalyModel
-from raylib_ad.progress import progress_bar
+from raylib_ad.progress import ProgressCounter
 
 
 @dataclass
@@ -87,14 +87,18 @@ def _score_split_in_process(model: AnomalyModel, table: pa.Table, *, batch_size:
     masks = np.empty((n, size, size), dtype=np.uint8)
     start = time.perf_counter()
     batches = _prefetched(decode_all(table, size, cfg["mean"], cfg["std"], batch_size=batch_size))
-    total = -(-n // batch_size)
-    for batch in progress_bar(batches, desc="scoring", enabled=progress, total=total):
-        idx = batch["index"]
-        out = model(torch.from_numpy(batch["image"]).to(device))
-        scores[idx] = out.score.float().cpu().numpy()
-        if maps is not None:
-            maps[idx] = out.anomaly_map.float().cpu().numpy()
-        masks[idx] = batch["mask"]
+    bar = ProgressCounter("scoring", n, enabled=progress, unit="img")  # images, as on Ray Data (scoring/split.py)
+    try:
+        for batch in batches:
+            idx = batch["index"]
+            out = model(torch.from_numpy(batch["image"]).to(device))
+            scores[idx] = out.score.float().cpu().numpy()
+            if maps is not None:
+                maps[idx] = out.anomaly_map.float().cpu().numpy()
+            masks[idx] = batch["mask"]
+            bar.update(len(idx))
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     # Masks only matter next to maps; a split without any defect pixels has no pixel metrics either.
     has_masks = maps is not None and masks.any()

@@ -38,9 +38,10 @@ def progress_bar(iterable: Iterable[T], desc: str, enabled: bool = True, total: 
         return _relayed(iterable, desc, total)
     from tqdm.auto import tqdm
 
-    # mininterval keeps log files from filling with bar redraws when stderr is not a terminal.
+    # mininterval keeps log files from filling with bar redraws when stderr is not a terminal. leave=True: a
+    # bar ends drawn at its final count (a cleared bar leaves its first drawing, `0/1`, in a log file).
     return tqdm(iterable, desc=desc, total=total, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0,
-                leave=False, dynamic_ncols=True)
+                leave=True, dynamic_ncols=True)
 
 
 class ProgressCounter:
@@ -54,7 +55,7 @@ class ProgressCounter:
         if self._on and not self._relay:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+            self._bar = tqdm(desc=desc, total=total, unit=unit, file=sys.stderr, leave=True, dynamic_ncols=True)
         self._emitter = _Emitter(desc, total) if self._relay else None
 
     def update(self, n: int = 1, *, force: bool = False, **postfix: Any) -> None:

@@ -109,6 +109,14 @@ def test_replica_scores_like_predict_and_marks_the_unreadable_image(model_dir, i
     assert row["score"] is None and row["is_anomalous"] is None and "cannot read image" in row["error"]
     pngs = out.column("map_png").to_pylist()
     assert pngs[3] is None and all(p.startswith(b"\x89PNG") for i, p in enumerate(pngs) if i != 3)
+    import io
+
+    from PIL import Image
+
+    for path, png in zip(images, pngs):  # each map at its image's own size, not the model's SIZE x SIZE
+        if png is not None:
+            with Image.open(path) as image, Image.open(io.BytesIO(png)) as drawn:
+                assert drawn.size == image.size != (SIZE, SIZE) and "Threshold" in drawn.text
 
 
 def test_float16_map_transit_keeps_values_to_1e3():

@@ -86,3 +86,85 @@ def test_verbose_keeps_rays_printing(tmp_path, capsys):
     finally:
         console.close()
     assert "hello" in (tmp_path / "ray.log").read_text()
+
+
+def test_a_phase_interrupted_by_another_is_not_left_on_screen_unfinished(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAYLIB_AD_PROGRESS", raising=False)
+    console = install_console(tmp_path / "ray.log")
+    try:  # two sweep trials: one starts scoring, the other's epochs come in before it ends
+        console.on_worker_output(record(MARKER + '{"desc": "scoring", "n": 0, "total": 1}'))
+        console.on_worker_output(record(MARKER + '{"desc": "main epochs", "n": 1, "total": 2}', pid=124))
+        console.on_worker_output(record(MARKER + '{"desc": "main epochs", "n": 2, "total": 2, "done": true}',
+                                        pid=124))
+        console.on_worker_output(record(MARKER + '{"desc": "scoring", "n": 1, "total": 1, "done": true}'))
+    finally:
+        console.close()
+    err = capsys.readouterr().err  # what stays on screen: each line's last redraw after a carriage return
+    final = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.strip()]
+    assert not any("0/1" in line for line in final)  # nothing ends drawn at 0/1
+    assert any("scoring" in line and "1/1" in line for line in final)
+
+
+def test_collect_stages_have_a_total_and_gradient_bars_move_with_every_batch(monkeypatch, capsys):
+    """A Collect stage's bar knows how many batches come (`patchcore features: 3/3`, with an ETA); an
+    epoch-budget bar advances per step (9 steps of 3 epochs), not once per epoch."""
+    import torch
+
+    from raylib_ad.train.in_process import fit_in_process
+    from tests.test_runner import Toy, images
+
+    monkeypatch.delenv("RAYLIB_AD_PROGRESS", raising=False)
+    monkeypatch.setenv(RELAY_ENV, "1")
+    seen = {}
+
+    class Counted(Toy):
+        def collect(self, batches, progress):
+            seen["len"] = len(batches)
+            for _ in progress_bar(batches, desc="toy features", enabled=progress):
+                pass
+            self.center = torch.zeros(3)
+
+    fit_in_process(Counted(image_size=32), images(7), batch_size=3, progress=True)
+    records = [parse_marker(line) for line in capsys.readouterr().out.splitlines()]
+    records = [r for r in records if r]
+    assert seen["len"] == 3
+    collect = [r for r in records if r["desc"] == "toy features"]
+    assert collect[0]["total"] == 3 and collect[-1]["n"] == 3 and collect[-1].get("done")
+    train = [r for r in records if r["desc"] == "train epochs"]
+    assert {r["total"] for r in train} == {9}
+    assert train[-1]["n"] == 9 and train[-1].get("done")
+    assert len({r["n"] for r in train}) >= 4  # it moved inside epochs, not only at their ends
+    assert any(r.get("postfix", {}).get("epoch") == "2/3" for r in train)  # the epoch is in the postfix
+
+
+def test_evaluate_counts_images_as_train_does(monkeypatch, capsys):
+    from raylib_ad.evaluation import _score_split_in_process
+    from tests.test_runner import Toy
+
+    import pyarrow as pa
+
+    monkeypatch.delenv("RAYLIB_AD_PROGRESS", raising=False)
+    monkeypatch.setenv(RELAY_ENV, "1")
+    monkeypatch.setattr("raylib_ad.evaluation.decode_all", lambda table, size, mean, std, batch_size: iter(
+        [{"index": [0, 1, 2], "image": __import__("numpy").zeros((3, 3, 32, 32), "float32"),
+          "mask": __import__("numpy").zeros((3, 32, 32), "uint8")},
+         {"index": [3, 4], "image": __import__("numpy").zeros((2, 3, 32, 32), "float32"),
+          "mask": __import__("numpy").zeros((2, 32, 32), "uint8")}]))
+    table = pa.table({"label": [0, 1, 0, 1, 0]})
+    _score_split_in_process(Toy(image_size=32), table, batch_size=3, progress=True)
+    records = [r for r in map(parse_marker, capsys.readouterr().out.splitlines()) if r]
+    assert records[-1] == {"desc": "scoring", "n": 5, "total": 5, "done": True}
+
+
+def test_ctrl_c_prints_one_line_and_no_traceback(monkeypatch, capsys, tmp_path):
+    from raylib_ad import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_predict", interrupted)
+    image = tmp_path / "a.png"
+    assert cli.main(["predict", "--model", str(tmp_path), str(image), "--out", str(tmp_path / "s.parquet")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "interrupted" in err and "s.parquet" in err

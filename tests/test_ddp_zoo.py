@@ -52,18 +52,18 @@ def _flow(name, **settings):
 
 def _efficient_ad(teacher_file):
     return create_model("efficient_ad", image_size=64, seed=0, teacher_out_channels=8, pretrained=True,
-                        teacher=str(teacher_file))
+                        teacher=str(teacher_file), no_penalty=True)
 
 
 def _dsr(_):
     return create_model("dsr", image_size=64, seed=0, vq_epochs=0, embedding_dim=8, num_embeddings=32, num_hiddens=8,
-                        num_residual_hiddens=4, base_width=4)
+                        num_residual_hiddens=4, base_width=4, category_trained_vq_model=True)
 
 
 # name -> (builder, image size, the runner's budget, learning rate by stage where not LR)
 MODELS = {
     "draem": (lambda _: create_model("draem", image_size=32, seed=0, reconstructive_base_width=4,
-                                     discriminative_base_width=4), 32, {"max_steps": STEPS}),
+                                     discriminative_base_width=4, image_as_texture=True), 32, {"max_steps": STEPS}),
     # max_epochs=1: DSR splits it into one epoch of its main and one of its upsampling stage (2 steps each).
     # The upsampling stage is compared from identical weights (dsr_upsample: the main stage at lr 0): after
     # a trained main stage, 1 and 2 workers differ by rounding (~1e-7), and DSR's frozen path quantizes the

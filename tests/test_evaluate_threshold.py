@@ -234,3 +234,88 @@ def test_label_free_threshold_for_uflow_nfa_needs_no_labels(synthetic_root, tmp_
     assert main(["threshold", "--model", str(padim), "--data", "synthetic", "--root", str(synthetic_root),
                  "--category", "widget", "--label-free", "--no-progress"]) == 2
     assert "padim has no label-free threshold" in capsys.readouterr().err
+
+
+# --- a run directory as `train` leaves it: scores stored once, reused by threshold and evaluate -------------
+
+
+@pytest.fixture
+def stored_run(trained, synthetic_root, tmp_path):
+    """run/model, run/metrics.json, the plots and run/scores.npz, written by the functions train/run.py uses."""
+    from raylib_ad.artifact import read_model
+    from raylib_ad.train.evaluate import write_metrics
+    from raylib_ad.train.outputs import evaluate_on_test
+    from raylib_ad.train.prepare import prepare
+    from raylib_ad.train.stored import write_scores
+
+    run_dir = tmp_path / "run"
+    model_dir = shutil.copytree(trained, run_dir / "model")
+    run = prepare(_options(synthetic_root), quiet=True)
+    evaluation = evaluate_on_test(read_model(model_dir), run, run_dir, batch_size=32, progress=False)
+    write_metrics(run_dir, evaluation["metrics"], evaluation["at_threshold"])
+    write_scores(run_dir, model_dir, run.test_rows, evaluation["scored"], run.val_idx, evaluation["report"])
+    return run_dir
+
+
+def _no_scoring(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored again although the run stored its scores")
+
+    monkeypatch.setattr("raylib_ad.evaluation.score_split", refuse)
+    monkeypatch.setattr("raylib_ad.train.outputs.score_split", refuse)
+
+
+def test_threshold_on_a_stored_run_scores_nothing_and_updates_metrics_plots_and_mlflow(stored_run, capsys,
+                                                                                        monkeypatch):
+    import time
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    # the run as tracked: its model directory logged in an MLflow run whose id metrics.json names
+    uri = f"sqlite:///{stored_run / 'mlflow.db'}"
+    monkeypatch.chdir(stored_run)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("train")
+    with mlflow.start_run() as tracked:
+        mlflow.log_artifacts(str(stored_run / "model"), artifact_path="model")
+    document = json.loads((stored_run / "metrics.json").read_text())
+    document.update(mlflow_run_id=tracked.info.run_id, mlflow_tracking_uri=uri)
+    (stored_run / "metrics.json").write_text(json.dumps(document))
+    before = (stored_run / "threshold.png").stat().st_mtime_ns
+
+    _no_scoring(monkeypatch)
+    start = time.perf_counter()
+    result = _run(capsys, "threshold", "--model", str(stored_run / "model"), "--target-recall", "0.95")
+    seconds = time.perf_counter() - start
+    assert seconds < 30  # (scoring the split again took 22 minutes on a real PatchCore run)
+    written = json.loads((stored_run / "metrics.json").read_text())
+    assert written["image_threshold"] == pytest.approx(result["threshold"])
+    assert written["at_threshold"]["threshold"] == pytest.approx(result["threshold"])
+    assert written["image_auroc"] == document["image_auroc"]  # threshold-free figures stay
+    assert written["threshold_goal"]["target_recall"] == 0.95
+    assert (stored_run / "threshold.png").stat().st_mtime_ns > before
+    copy = MlflowClient(tracking_uri=uri).download_artifacts(tracked.info.run_id, "model/stats.json",
+                                                             str(stored_run / "dl"))
+    assert json.loads(open(copy).read())["image_stats"]["threshold"] == pytest.approx(result["threshold"])
+
+
+def test_evaluate_on_a_stored_run_reuses_its_scores(stored_run, tmp_path, capsys, monkeypatch):
+    _no_scoring(monkeypatch)
+    printed = _run(capsys, "evaluate", "--model", str(stored_run / "model"), "--out", str(tmp_path / "ev"),
+                   "--no-mlflow")
+    written = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    trained = json.loads((stored_run / "metrics.json").read_text())
+    for key in ("image_auroc", "image_threshold", "image_f1", "pixel_auroc", "pixel_aupro"):
+        assert written[key] == pytest.approx(trained[key], abs=1e-6), key
+    assert printed["reused_scores"] == trained["n_validation"] + trained["n_test_heldout"]
+    assert (tmp_path / "ev" / "heatmaps.png").is_file()
+
+
+def test_stored_scores_belong_to_the_weights_that_made_them(stored_run):
+    from raylib_ad.train.stored import read_scores
+
+    assert read_scores(stored_run / "model") is not None
+    weights = stored_run / "model" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # another model in the same place
+    assert read_scores(stored_run / "model") is None

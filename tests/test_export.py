@@ -243,3 +243,50 @@ def test_half_refused_where_it_breaks_parity(model_dir, tmp_path):
     for name, reason in HALF_UNSUPPORTED.items():
         with pytest.raises(ConfigError, match="--half: " + re.escape(reason)):
             export_model(model_dir(name)[1], "onnx", tmp_path / name, half=True)
+
+
+def test_patchcore_export_stores_the_bank_once_and_bounds_each_call(model_dir, tmp_path, monkeypatch):
+    """A bank longer than one distance chunk (here: chunks of 16 rows, as a real bank passes 65536 rows)
+    used to be traced as one folded initializer per chunk beside memory_bank: the export twice the model.
+    The export holds the bank once, still reproduces the model, feeds few enough images per call that a
+    call's distance matrix stays bounded, and runs without onnxruntime's arena (which kept that matrix)."""
+    import onnx
+
+    from raylib_ad.export import exporter
+    from raylib_ad.models.components import nearest_neighbors as knn
+
+    model, _ = model_dir("patchcore")
+    rows, dim = model.memory_bank.shape
+    assert rows > 16
+    monkeypatch.setitem(knn.nearest_neighbors.__kwdefaults__, "bank_chunk", 16)
+    source = write_model_dir(model, tmp_path / "model", STATS)
+    directory = export_model(source, "onnx", tmp_path / "export")
+    graph = onnx.load(str(directory / "model.onnx")).graph
+    bank_like = [list(init.dims) for init in graph.initializer if list(init.dims)[-1:] == [dim]]
+    assert bank_like == [[rows, dim]], bank_like
+    assert (directory / "model.onnx").stat().st_size <= 1.05 * (source / "weights.safetensors").stat().st_size
+    assert_parity("patchcore", directory, model)
+    meta = json.loads((directory / "export.json").read_text())
+    assert meta["max_batch"] == 8 and meta["cpu_memory_arena"] is False
+
+    patches = model.embed(check_images(model, 1))[0].shape[1]
+    monkeypatch.setattr(exporter, "KNN_ENTRIES_PER_CALL", 3 * patches * rows)
+    assert exporter.max_batch(model) == 3
+    monkeypatch.setattr(exporter, "KNN_ENTRIES_PER_CALL", 1)
+    assert exporter.max_batch(model) == 1  # at least one image per call
+    assert exporter.max_batch(tiny_model("padim")) is None
+
+
+def test_export_and_model_folders_are_readable(model_dir, tmp_path):
+    """Both are staged in a mkdtemp folder (mode 0700) and renamed into place: they get mkdir's modes."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    _, source = model_dir("padim")
+    directory = export_model(source, "onnx", tmp_path / "export")
+    for folder in (source, directory):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+        for file in folder.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file

@@ -43,7 +43,8 @@ def test_a_worker_that_dies_resumes_and_every_image_is_used_once_per_epoch(ray_c
                         test_hooks={"fail_once_at_epoch": 1, "fail_marker": str(marker)})
     history = result.history
     assert marker.exists() and result.restarts == 1  # rank 1 really died at the start of epoch 1
-    assert [h["epoch"] for h in history] == [0, 1, 2]  # epoch 0 restored from its checkpoint, not re-run
+    # (test hooks count epochs from 0, as the runner does inside; every record counts from 1, as the bar)
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 restored from its checkpoint, not re-run
     # Restarted workers have no feature cache: epoch 1 streams again and epoch 2 trains from the cache
     # (had epoch 0 been re-run instead of restored, epoch 1 would come from the cache).
     assert [h["from_feature_cache"] for h in history] == [False, False, True]
@@ -52,7 +53,7 @@ def test_a_worker_that_dies_resumes_and_every_image_is_used_once_per_epoch(ray_c
         assert record["val_images"] == n_val
         assert record["train_loss"] > 0 and 0 <= record["val_image_auroc"] <= 1 and "val_pixel_auroc" in record
     best = read_model(result.model_dir)
-    assert best.name == "stfpm" and result.metrics["best_epoch"] in (0, 1, 2)
+    assert best.name == "stfpm" and result.metrics["best_epoch"] in (1, 2, 3)
     with torch.no_grad():
         assert best(torch.zeros(1, 3, SIZE, SIZE)).anomaly_map.shape == (1, SIZE, SIZE)
 
@@ -63,13 +64,13 @@ def test_a_worker_killed_in_a_later_stage_resumes_in_that_stage(ray_cluster, syn
     run again would add its epochs to the restored history a second time."""
     marker = tmp_path / "failed-once"
     tiny = {"backbone": None, "vq_epochs": 1, "embedding_dim": 8, "num_embeddings": 32, "num_hiddens": 8,
-            "num_residual_hiddens": 4, "base_width": 4}
+            "num_residual_hiddens": 4, "base_width": 4, "category_trained_vq_model": True}
     # --max-epochs 3: DSR gives int(0.7 * 3) = 2 epochs to its main stage and 1 to the upsampling stage
     result, n_val = fit(synthetic_root, tmp_path, "dsr", tiny, max_epochs=3,
                         test_hooks={"fail_once_at_epoch": 1, "fail_in_stage": "main", "fail_marker": str(marker)})
     assert marker.exists() and result.restarts == 1
-    assert [(h["stage"], h["epoch"]) for h in result.history] == [("latent", 0), ("main", 0), ("main", 1),
-                                                                    ("upsample", 0)]
+    assert [(h["stage"], h["epoch"]) for h in result.history] == [("latent", 1), ("main", 1), ("main", 2),
+                                                                    ("upsample", 1)]
     assert result.metrics["stages"] == ["optimize:latent", "optimize:main", "optimize:upsample"]
     for record in result.history:
         assert record["train_images"] == N_TRAIN and record["train_loss"] > 0
@@ -89,7 +90,7 @@ def test_cfa_killed_while_training_resumes_with_its_collected_memory(ray_cluster
                     test_hooks={"fail_once_at_epoch": 1, "fail_in_stage": "train", "fail_marker": str(marker)})
     assert marker.exists() and result.restarts == 1
     assert result.metrics["stages"] == ["collect:memory", "optimize:train"]
-    assert [(h["stage"], h["epoch"]) for h in result.history] == [("train", 0), ("train", 1)]
+    assert [(h["stage"], h["epoch"]) for h in result.history] == [("train", 1), ("train", 2)]
     model = read_model(result.model_dir)
     grid = model.grid[0] * model.grid[1]
     assert model.memory_bank.shape[0] == grid and torch.isfinite(model.memory_bank).all()

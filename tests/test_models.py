@@ -244,3 +244,17 @@ def test_nearest_neighbors_match_brute_force():
         expected = full.topk(k, dim=1, largest=False)
         torch.testing.assert_close(dist, expected.values, rtol=1e-4, atol=1e-4)
         assert (idx == expected.indices).float().mean() > 0.999
+
+
+def test_models_name_lists_every_setting_with_its_default_and_range(capsys):
+    from raylib_ad.cli import main
+    from raylib_ad.models import model_class
+
+    assert main(["models", "uflow"]) == 0
+    out = capsys.readouterr().out
+    for key, value in model_class("uflow").defaults.items():
+        line = next(line for line in out.splitlines() if line.split()[:1] == [key])
+        assert str(value).lower().replace("'", '"') in line.lower() or f'"{value}"' in line, line
+    assert "a number in (0, 1)" in out  # nfa_probability_thr's range, as the model checks it
+    assert "pretrained" in out and "200 epochs" in out
+    assert main(["models", "nosuch"]) == 2

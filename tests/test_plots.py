@@ -55,7 +55,7 @@ def test_recall_per_defect_type_and_false_positives_on_good():
         defect_metrics_at(DEFECTS[:-1], LABELS, SCORES, THRESHOLD)
 
 
-def test_threshold_report_is_json_and_flattens_to_float_metrics():
+def test_threshold_report_is_json_and_flattens_to_rates_and_counts():
     report = threshold_report(LABELS, np.float32(SCORES), THRESHOLD, DEFECTS)
     assert json.loads(json.dumps(report)) == report  # metrics.json and MLflow take it as is
     assert report["n_images"] == 10
@@ -65,7 +65,9 @@ def test_threshold_report_is_json_and_flattens_to_float_metrics():
     assert (flat["image_tp"], flat["image_fp"], flat["image_tn"], flat["image_fn"]) == (4, 1, 3, 2)
     assert flat["image_recall_crack"] == pytest.approx(2 / 3)
     assert flat["image_good_false_positives"] == 1 and flat["image_good_fpr"] == 0.25
-    assert all(isinstance(v, float) for v in flat.values())
+    counts = {"image_tp", "image_fp", "image_tn", "image_fn", "image_good_false_positives"}
+    assert all(type(flat[k]) is int for k in counts)  # metrics.json and the summary say 24, not 24.0
+    assert all(isinstance(v, float) for k, v in flat.items() if k not in counts)
     odd = threshold_metrics(threshold_report([1, 0], [1.0, 0.0], 0.5, ["MT Blow/hole", "good"]))
     assert "image_recall_MT_Blow_hole" in odd
 
@@ -122,3 +124,15 @@ def test_heatmap_grid_png_and_tile_choice(tmp_path):
     assert {DEFECTS[i] for i in chosen} == {"good", "crack", "spot"}
     held = [0, 1, 5, 6]
     assert set(heatmap_indices(LABELS, SCORES, THRESHOLD, candidates=held)) <= set(held)
+
+
+def test_summary_prints_counts_as_integers_and_says_what_peak_memory_is():
+    from raylib_ad.train.outputs import summary_table
+
+    table = summary_table("stfpm", "widget", {"image_auroc": 0.91, "peak_memory_mb": 6612.4,
+                                              "image_good_false_positives": 24.0, "image_recall_crack": 0.5})
+    rows = {line.split()[0]: line for line in table.splitlines() if line.strip()}
+    assert rows["image_good_false_positives"].split()[1] == "24"  # a float read back from JSON, too
+    assert rows["image_auroc"].split()[1] == "0.9100"
+    peak = rows["peak_memory_mb"]
+    assert peak.split()[1] == "6612" and "largest single process" in peak and "not a sum" in peak

@@ -179,6 +179,25 @@ def test_anomaly_map_png_decodes_to_the_map_size():
     assert imread(io.BytesIO(data), format="png").shape[:2] == (24, 40)
 
 
+def test_anomaly_map_png_at_the_image_size_with_the_threshold_outlined():
+    from PIL import Image
+
+    amap = np.zeros((16, 16), dtype=np.float32)
+    amap[4:12, 4:12] = 1.0  # above the threshold in the middle
+    data = anomaly_map_png(amap, vmin=0.0, vmax=1.0, size=(120, 90), threshold=0.5)
+    png = Image.open(io.BytesIO(data))
+    assert png.size == (120, 90)  # (width, height) of the scored image, not the model's 16 x 16
+    assert "threshold" in png.text["Threshold"] and "0.5" in png.text["Threshold"]
+    assert png.text["Scale"] == "blue = 0, red = 1"
+    rgb = np.asarray(png.convert("RGB"))
+    white = np.all(rgb == 255, axis=-1)
+    rows, cols = np.nonzero(white)
+    assert white.any() and 20 <= rows.min() and rows.max() <= 70 and 25 <= cols.min() and cols.max() <= 95
+    assert not white[45, 60] and not white[0, 0]  # the outline, not the region or the background
+    plain = Image.open(io.BytesIO(anomaly_map_png(amap, vmin=0.0, vmax=1.0)))
+    assert plain.size == (16, 16) and not np.all(np.asarray(plain.convert("RGB")) == 255, axis=-1).any()
+
+
 # --------------------------------------------------------------------------- evaluation report
 
 

@@ -88,6 +88,11 @@ def test_train_cli_end_to_end(ray_cluster, synthetic_root, tmp_path, monkeypatch
     assert run.data.metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"model", "plots"} <= artifacts
+    # the run spans the training it records; its params are the user's options, paths absolute
+    assert (run.info.end_time - run.info.start_time) / 1000 >= metrics["fit_seconds"]
+    assert not {"progress", "verbose", "overwrite"} & set(run.data.params)
+    assert run.data.params["root"] == str(synthetic_root.resolve()) and run.data.params["out"] == str(out.resolve())
+    assert (out / "scores.npz").is_file()  # the test split's scores, for `threshold` and `evaluate`
 
     images = sorted((synthetic_root / "widget" / "test").glob("*/*.png"))[:3]
     result = subprocess.run([sys.executable, "-m", "raylib_ad.cli", "predict", "--model", str(out / "model"),

@@ -73,6 +73,7 @@ def images(n: int = 2, seed: int = 0, size: int = SIZE) -> torch.Tensor:
 # --- DRAEM -------------------------------------------------------------------------------------------------
 
 def draem(**settings):
+    settings.setdefault("image_as_texture", "dtd_dir" not in settings)  # offline: not anomalib's DTD (test_assets.py)
     return create_model("draem", image_size=DRAEM_SIZE, **{**DRAEM_TINY, **settings})
 
 
@@ -170,6 +171,7 @@ def test_draem_fits_in_process():
 # --- DSR ---------------------------------------------------------------------------------------------------
 
 def dsr(**kwargs):
+    kwargs.setdefault("category_trained_vq_model", "weights" not in kwargs)  # offline: not anomalib's VQ model
     return create_model("dsr", image_size=SIZE, **{**DSR_TINY, **kwargs})
 
 
@@ -268,12 +270,12 @@ def test_dsr_loads_a_given_latent_model_and_skips_its_training(tmp_path, monkeyp
     assert [s.name for s in model.recipe()] == ["main", "upsample"]
     monkeypatch.setenv("RAYLIB_AD_WEIGHTS_DIR", str(tmp_path))
     (tmp_path / "dsr_vq_model.pth").write_bytes(path.read_bytes())
-    assert dsr().latent_from_file == str(tmp_path / "dsr_vq_model.pth")
+    assert dsr(category_trained_vq_model=False).latent_from_file == str(tmp_path / "dsr_vq_model.pth")
     assert dsr(pretrained=False).latent_from_file is None  # e.g. read_model: the directory has everything
 
 
 def test_dsr_weights_errors_only_when_asked_for(tmp_path):
-    assert dsr().latent_from_file is None  # nothing given: no error, the latent stage trains it
+    assert dsr().latent_from_file is None  # category_trained_vq_model: no error, the latent stage trains it
     with pytest.raises(WeightsUnavailableError, match="Ways out"):
         dsr(weights=str(tmp_path / "missing.pth"))
     wrong = tmp_path / "wrong.pth"

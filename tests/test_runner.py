@@ -138,7 +138,7 @@ def test_validation_points_inside_epochs_form_the_curve_and_keep_the_best():
     # a point before the 2nd and 3rd of the 3 steps of each of 3 epochs (before the 1st, the model is the
     # one the previous epoch's end validated), and one at each epoch's end
     assert len(curve) == 3 * 2 + 3
-    assert [p["epoch"] for p in curve] == [0] * 3 + [1] * 3 + [2] * 3
+    assert [p["epoch"] for p in curve] == [1] * 3 + [2] * 3 + [3] * 3  # epochs count from 1, as the bar
     assert [p["step"] for p in curve] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert all(0 <= p["val_image_auroc"] <= 1 for p in curve)
     minutes = [p["minutes"] for p in curve]
@@ -148,5 +148,80 @@ def test_validation_points_inside_epochs_form_the_curve_and_keep_the_best():
 
 def test_without_in_epoch_points_the_curve_has_one_point_per_epoch():
     fit = fit_in_process(Validated(image_size=SIZE), images(7), labelled(6), batch_size=3)
-    assert [p["epoch"] for p in fit.val_curve] == [0, 1, 2]
+    assert [p["epoch"] for p in fit.val_curve] == [1, 2, 3]
+    assert [h["epoch"] for h in fit.history] == [1, 2, 3]
     assert [p["val_image_auroc"] for p in fit.val_curve] == [h["val_image_auroc"] for h in fit.history]
+
+
+class Saturated(Validated):
+    """Validation that cannot separate epochs: the image AUROC is 1.0 from the first epoch on (a tiny
+    validation subset), as U-Flow's was on 9 images."""
+
+    def forward(self, images):
+        out = super().forward(images)  # the head trains, but the score separates the classes perfectly
+        return AnomalyOutput(score=out.score * 0 + images.mean(dim=(1, 2, 3)), anomaly_map=None)
+
+
+def separable(n):
+    val = labelled(n)
+    return {**val, "image": val["image"] + 100.0 * val["label"][:, None, None, None]}
+
+
+def test_a_tie_on_validation_keeps_the_latest_weights_and_the_summary_says_so():
+    model = Saturated(image_size=SIZE)
+    fit = fit_in_process(model, images(7), separable(6), batch_size=3, max_epochs=4)
+    assert [h["val_image_auroc"] for h in fit.history] == [1.0] * 4
+    m = fit.metrics
+    assert m["best_epoch"] == 4 and m["best_step"] == 12  # the latest of equals, not epoch 1
+    assert m["stop_reason"] == "max_epochs" and "4 epochs" in m["stopped_because"]
+    assert "val_image_auroc" in m["kept_by"] and "latest" in m["kept_by"]
+    assert m["val_ties"] == 4 and "6 images, 3 anomalous" in m["validation_note"]
+    # the last epoch's weights are the model's
+    assert fit.history[-1]["epoch"] == 4
+
+
+def test_ties_do_not_reset_patience_and_the_stop_reason_says_patience():
+    model = Saturated(image_size=SIZE)
+    fit = fit_in_process(model, images(7), separable(6), batch_size=3, max_epochs=10, patience=2)
+    assert len(fit.history) == 3  # epoch 1 improves; 2 and 3 tie: no progress for 2 epochs
+    assert fit.metrics["stop_reason"] == "patience" and fit.metrics["best_epoch"] == 3
+
+
+def test_kept_choice_breaks_image_ties_by_pixel_auroc_then_takes_the_latest():
+    from raylib_ad.train.checkpoints import consider, fresh_progress
+
+    progress = fresh_progress()
+    seen = []
+    for epoch, (image, pixel) in enumerate([(0.9, 0.5), (1.0, 0.7), (1.0, 0.8), (1.0, 0.6), (1.0, 0.8)], start=1):
+        progress["steps"] = 10 * epoch
+        keep, improved = consider(progress, {"val_image_auroc": image, "val_pixel_auroc": pixel}, epoch)
+        seen.append((keep, improved))
+    assert seen == [(True, True), (True, True), (True, True), (False, False), (True, False)]
+    assert progress["best_epoch"] == 5 and progress["best_step"] == 50 and progress["best_ties"] == 4
+
+
+def test_the_kept_point_is_marked_on_the_training_curves(tmp_path):
+    from raylib_ad.train.outputs import plot_history
+
+    history = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+    curve = [{"minutes": 0.1 * e, "epoch": e, "step": 3 * e, "val_image_auroc": 1.0} for e in (1, 2, 3)]
+    plot_history(history, tmp_path, curve, kept={"best_epoch": 3, "best_step": 9})
+    assert (tmp_path / "training_curves.png").stat().st_size > 0
+    import json
+
+    assert [p["epoch"] for p in json.loads((tmp_path / "val_curve.json").read_text())] == [1, 2, 3]
+
+
+def test_summary_says_what_was_kept_why_training_stopped_and_warns_on_a_loose_threshold():
+    from raylib_ad.train.outputs import summary_table, threshold_warnings
+
+    metrics = {"image_auroc": 0.9, "image_good_fpr": 0.77, "image_good_false_positives": 24,
+               "best_epoch": 117, "best_step": 351, "epochs_run": 117, "kept_by": "highest val_image_auroc",
+               "best_val_image_auroc": 1.0, "stop_reason": "time",
+               "stopped_because": "the time budget ran out (--max-minutes 3)", "random_weights": True}
+    metrics["warnings"] = threshold_warnings(metrics)
+    assert len(metrics["warnings"]) == 1 and "77%" in metrics["warnings"][0]
+    assert threshold_warnings({"image_good_fpr": 0.1}) == []
+    text = summary_table("uflow", "widget", metrics)
+    assert "kept: epoch 117 (step 351) of 117" in text and "--max-minutes 3" in text
+    assert "random weights: figures are not the method's" in text and "WARNING: the deployed threshold" in text

@@ -95,10 +95,10 @@ def test_predict_raw_bytes_equals_the_model_and_map_is_a_png(served):
 
     answer = client.post("/v1/categories/gadget/predict?map=true", content=image)
     assert answer.status_code == 200, answer.text
-    _assert_matches(answer.json(), _expected(models["gadget"], image), str(models["gadget"]),
+    _assert_matches(answer.json(), _expected(models["gadget"], image), "gadget",  # the directory's name
                     answer.json()["model"]["version"])
     png = Image.open(io.BytesIO(base64.b64decode(answer.json()["anomaly_map_png"])))
-    assert png.format == "PNG" and png.size == (64, 64)
+    assert png.format == "PNG" and png.size == Image.open(io.BytesIO(image)).size == (80, 60)  # not the model's 64
 
 
 def test_multipart_and_concurrent_requests_across_categories(served):
@@ -184,3 +184,61 @@ def test_a_new_champion_is_served_without_a_restart(served):
                     _expected(models["v3"], image), "raylib_ad-synthetic-widget", 3)
     listing = {c["category"]: c for c in client.get("/v1/categories").json()["categories"]}
     assert (listing["widget"]["version"], listing["widget"]["loaded_version"]) == (3, 3)  # one replica here
+
+
+def test_cli_serve_answers_plainly_and_stops_cleanly_on_sigterm(tmp_path, lite0_available):
+    """`raylib-ad serve` as a user runs it (its own Ray, in a subprocess): a text body, a 20000 x 20000
+    PNG header, an unknown category and a good image get plain answers; SIGTERM then stops it with one
+    line and exit 0: no native stack dump, no abort, no traceback, and the 404 was not logged as an ERROR."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from PIL import Image
+
+    from conftest import free_port
+    from test_serve_unit import png_header
+
+    model_dir = small_model_dir(tmp_path / "widget")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
+    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "raylib_ad.cli", "serve", "--model-dir", f"widget={model_dir}",
+                             "--port", str(port), "--min-replicas", "1", "--max-replicas", "1"],
+                            cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "SIGTERM stops" not in (tmp_path / "stdout").read_text():
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start in 300 s"
+            time.sleep(1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            text = client.post("/v1/categories/widget/predict", content=b"hello, not an image")
+            assert text.status_code == 400 and "not a readable image" in text.json()["detail"]
+            assert "0x" not in text.text and "object at" not in text.text
+            huge = client.post("/v1/categories/widget/predict", content=png_header(20000, 20000))
+            assert huge.status_code == 413 and "the limit is 16777216 (max_image_pixels)" in huge.json()["detail"]
+            image = png_bytes(seed=3)
+            good = client.post("/v1/categories/widget/predict?map=true", content=image)
+            assert good.status_code == 200, good.text
+            assert good.json()["model"]["name"] == "widget" and str(tmp_path) not in good.text
+            assert Image.open(io.BytesIO(base64.b64decode(good.json()["anomaly_map_png"]))).size == (80, 60)
+            unknown = client.post("/v1/categories/nosuch/predict", content=image)
+            assert unknown.status_code == 404 and "'nosuch' is not served" in unknown.json()["detail"]
+        time.sleep(2)  # the replica's log lines reach the driver's stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) in (0, 143)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.close()
+        err.close()
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "raylib-ad serve: stopped (SIGTERM)" in stderr
+    for sign in ("SIGTERM received", "Traceback", "SIGABRT", "Aborted", "core dumped", "Fatal Python error"):
+        assert sign not in stderr, stderr[-3000:]
+    assert not [line for line in stderr.splitlines() if "ERROR" in line and "nosuch" in line], stderr[-3000:]

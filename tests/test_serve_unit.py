@@ -85,6 +85,42 @@ def test_decode_gives_rgb_and_refuses_bad_bytes_with_a_message():
         decode_image(png_bytes(80, 60), max_pixels=4000)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header says width x height (its pixel data is a stub): what a client sends to
+    test the pixel limit without a gigabyte of pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b""))
+
+
+def test_answers_name_the_problem_without_internals_and_quote_the_servers_limit(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after: decode may raise it
+
+    with pytest.raises(BadRequest) as err:
+        decode_image(b"this is a text body, no image", 10_000)
+    assert "request body is not a readable image (29 bytes" in err.value.message
+    assert "0x" not in err.value.message and "object at" not in err.value.message and "<" not in err.value.message
+    limit = 4096 * 4096  # the default max_image_pixels
+    # above twice Pillow's own limit (Pillow refuses it at open), and between the server's and Pillow's
+    for width, height in ((20000, 20000), (12000, 12000)):
+        with pytest.raises(PayloadTooLarge) as err:
+            decode_image(png_header(width, height), limit)
+        assert f"is {width * height} pixels" in err.value.message or f"{width}x{height}" in err.value.message
+        assert f"the limit is {limit} (max_image_pixels)" in err.value.message, err.value.message
+        assert str(Image.MAX_IMAGE_PIXELS) not in err.value.message
+    # a server limit above Pillow's: an image between the two is decoded, not refused by Pillow
+    big = Image.MAX_IMAGE_PIXELS * 2 + 1000
+    with pytest.raises(BadRequest, match="not a readable image"):  # the stub's pixels, not the size
+        decode_image(png_header(big // 1000, 1000), big)
+
+
 def test_read_body_stops_at_the_limit():
     async def chunks(n, size):
         for _ in range(n):
@@ -138,6 +174,32 @@ def test_catalog_and_slot_serve_a_model_dir_and_pick_up_a_rewrite(model_dirs, tm
         catalog.current("gadget")
 
 
+def test_model_name_is_the_directory_name_and_unknown_is_logged_at_info(model_dirs, tmp_path, caplog):
+    import logging
+    import shutil
+
+    served = {"widget": tmp_path / "widget", "gadget": tmp_path / "demo" / "model"}  # train's OUT/model
+    for directory in served.values():
+        shutil.copytree(model_dirs[0], directory)
+    catalog = Catalog(ServeSettings.from_dict({"model_dirs": {k: str(v) for k, v in served.items()}}))
+    names = {info.category: info.public()["name"] for info in catalog.list()}
+    assert names == {"widget": "widget", "gadget": "demo/model"}  # never the server's absolute path
+    slot = ModelSlot.open("widget", catalog)
+    assert slot.info.public() == {"name": "widget", "version": dir_fingerprint(served["widget"])}
+    assert str(tmp_path) not in json.dumps(prediction_response({"score": 1.0}, slot.info))
+
+    caplog.set_level(logging.INFO, logger="raylib_ad.serving")
+    with pytest.raises(UnknownCategory):
+        catalog.require("nosuch")
+    records = [r for r in caplog.records if "nosuch" in r.getMessage()]
+    assert records and all(r.levelno == logging.INFO for r in records)
+
+    (served["widget"] / "config.json").unlink()  # a broken directory: 503, named without its path
+    with pytest.raises(ModelUnavailable) as err:
+        ModelSlot.open("widget", catalog)
+    assert "config.json is missing" in err.value.message and str(tmp_path) not in err.value.message
+
+
 def test_a_broken_new_version_keeps_the_old_one_serving(model_dirs, tmp_path):
     import shutil
 
@@ -179,6 +241,9 @@ def test_response_fields_and_map_png():
     assert with_map["filename"] == "a.png"
     png = Image.open(io.BytesIO(base64.b64decode(with_map["anomaly_map_png"])))
     assert png.size == (64, 64)
+    sized = prediction_response(prediction, info, with_map=True, size=(80, 60))  # the request image's size
+    png = Image.open(io.BytesIO(base64.b64decode(sized["anomaly_map_png"])))
+    assert png.size == (80, 60) and "threshold" in png.text["Threshold"]
     assert prediction_response({"score": 1.0}, info, with_map=True)["anomaly_map_png"] is None
 
 
@@ -199,6 +264,10 @@ def test_cli_python_and_http_answer_with_the_same_field_names(model_dirs, tmp_pa
     assert cli["normalized_score"] == pytest.approx(http["normalized_score"])
     assert cli["threshold"] == http["threshold"] and cli["path"] == str(image)
     assert open(cli["anomaly_map_file"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(cli["anomaly_map_file"]) as png:  # the image's own size (80 x 60), not the model's 64
+        assert png.size == (80, 60) and "Threshold" in png.text
 
     # Without stats.json there is no threshold: all three channels say null, none says "normal".
     bare = write_model_dir(read_model(model_dirs[0]), tmp_path / "bare")

@@ -74,6 +74,10 @@ MODEL_TOLERANCE = {"dsr": 2e-3}
 MAP_OUTLIERS = {"dsr": 0.01}
 # Images per runtime call for models traced without their memory-bounding row chunks (see above).
 MAX_BATCH = {"patchcore": 8, "cflow": 8}
+# PatchCore's graph holds a (patches x bank rows) distance matrix per call: fewer images per call when
+# the bank is large, so that one call's matrix stays near this many entries (the torch model's chunks
+# hold ~2**21 to 2**26). At least one image per call.
+KNN_ENTRIES_PER_CALL = 2**24
 _UNBOUNDED = 1 << 62
 
 
@@ -140,9 +144,25 @@ def _export_patches(model) -> ExitStack:
         stack.callback(torch.backends.mha.set_fastpath_enabled, fast)
     if model.name == "patchcore":
         stack.enter_context(_set(model.settings, "query_chunk", _UNBOUNDED, item=True))
+        # One bank chunk: the trace would fold each bank[start:end] slice into an initializer of its own,
+        # a second copy of the bank beside memory_bank (a 45 MB bank of 74000 rows exported as 93 MB).
+        from raylib_ad.models.components import nearest_neighbors as knn
+
+        stack.enter_context(_set(knn.nearest_neighbors.__kwdefaults__, "bank_chunk", _UNBOUNDED, item=True))
     if model.name == "cflow":
         stack.enter_context(_set(importlib.import_module(type(model).__module__), "_EVAL_ROWS", _UNBOUNDED))
     return stack
+
+
+def max_batch(model) -> int | None:
+    """Images per runtime call (export.json's max_batch), None for no limit."""
+    limit = MAX_BATCH.get(model.name)
+    if model.name == "patchcore" and model.memory_bank.numel():
+        with torch.no_grad():
+            patches = model.embed(check_images(model, 1))[0].shape[1]
+        per_image = patches * model.memory_bank.shape[0]
+        limit = max(1, min(limit or _UNBOUNDED, KNN_ENTRIES_PER_CALL // per_image))
+    return limit
 
 
 def _trace_to_onnx(model, example: torch.Tensor, path: Path) -> str:
@@ -239,7 +259,7 @@ def export_model(model_dir: str | os.PathLike, fmt: str = "onnx", out_dir: str |
     (default: a sibling named <model_dir>_<fmt>). Raises ConfigError for a missing package or a model in
     NOT_EXPORTABLE, ExportError when tracing fails or the exported network does not match."""
     require_packages(fmt)
-    from raylib_ad.artifact import CONFIG_FILE, load
+    from raylib_ad.artifact import CONFIG_FILE, load, make_readable
 
     source = str(model_dir)
     if source.startswith("models:/"):
@@ -284,7 +304,9 @@ def export_model(model_dir: str | os.PathLike, fmt: str = "onnx", out_dir: str |
             "input": {"name": "image", "shape": ["batch", 3, model.image_size, model.image_size]},
             "outputs": ["score", "anomaly_map"][: 2 if model.produces_maps else 1],
             "produces_maps": bool(model.produces_maps), "batch": "dynamic",
-            "max_batch": MAX_BATCH.get(model.name), "config": model.config(), "stats": trained.stats or None,
+            "max_batch": max_batch(model), "config": model.config(), "stats": trained.stats or None,
+            # onnxruntime's CPU arena keeps (and rounds up) the unchunked graphs' large intermediates
+            "cpu_memory_arena": model.name not in MAX_BATCH,
         }
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
         shutil.copyfile(Path(__file__).with_name("runtime.py"), tmp / RUNTIME_COPY)
@@ -303,6 +325,7 @@ def export_model(model_dir: str | os.PathLike, fmt: str = "onnx", out_dir: str |
         meta["parity"] = {"relative_error": errors, "tolerance": tolerance, "images": 3,
                           "map_outlier_share": MAP_OUTLIERS.get(model.name, 0.0)}
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
+        make_readable(tmp)  # mkdtemp's 0700 would make the export unreadable to a serving account
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

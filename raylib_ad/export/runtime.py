@@ -99,7 +99,7 @@ def normalize_pixels(images: np.ndarray, mean: Sequence[float], std: Sequence[fl
 Backend = tuple[Callable[[np.ndarray], list[np.ndarray]], Any]
 
 
-def _onnx_backend(path: Path, device: str, threads: int | None) -> Backend:
+def _onnx_backend(path: Path, device: str, threads: int | None, arena: bool = True) -> Backend:
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -120,12 +120,15 @@ def _onnx_backend(path: Path, device: str, threads: int | None) -> Backend:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # Without the arena a large intermediate (PatchCore's distance matrix) goes back to the OS after each
+    # call; the arena keeps it and grows by powers of two (measured: 1.41 GB peak with it, 0.76 GB without)
+    options.enable_cpu_mem_arena = arena
     session = ort.InferenceSession(str(path), options, providers=providers)
     input_name = session.get_inputs()[0].name
     return (lambda batch: session.run(None, {input_name: batch})), session
 
 
-def _openvino_backend(path: Path, device: str, threads: int | None) -> Backend:
+def _openvino_backend(path: Path, device: str, threads: int | None, arena: bool = True) -> Backend:
     try:
         import openvino as ov
     except ImportError as err:
@@ -180,7 +183,8 @@ class ExportedModel:
         self.device = device
         # `model`: the runtime's network (onnxruntime InferenceSession / OpenVINO CompiledModel), where
         # TrainedModel has its torch module
-        self._run, self.model = BACKENDS[fmt](self.directory / meta["network"], device, threads)
+        self._run, self.model = BACKENDS[fmt](self.directory / meta["network"], device, threads,
+                                              bool(meta.get("cpu_memory_arena", True)))
 
     @property
     def name(self) -> str:

@@ -105,26 +105,27 @@ def _metric_name(defect: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", defect).strip("_") or "unnamed"
 
 
-def threshold_metrics(report: dict, prefix: str = "image_") -> dict[str, float]:
-    """Flat float metrics from threshold_report, for metrics.json / MLflow / the summary.
+def threshold_metrics(report: dict, prefix: str = "image_") -> dict[str, float | int]:
+    """Flat metrics from threshold_report, for metrics.json / MLflow / the summary: rates as floats,
+    counts (tp/fp/tn/fn, good_false_positives) as ints.
 
     Keys: image_threshold, image_tpr, image_fpr, image_tp/fp/tn/fn, image_good_false_positives,
     image_good_fpr, image_recall_<defect> (a rate that is undefined is left out, not NaN).
     """
     confusion = report["confusion"]
-    flat: dict[str, float] = {f"{prefix}threshold": float(report["threshold"])}
+    flat: dict[str, float | int] = {f"{prefix}threshold": float(report["threshold"])}
     for key in ("tpr", "fpr"):
         if confusion[key] is not None:
             flat[f"{prefix}{key}"] = float(confusion[key])
     for key in ("tp", "fp", "tn", "fn"):
-        flat[f"{prefix}{key}"] = float(confusion[key])
+        flat[f"{prefix}{key}"] = int(confusion[key])
     per_defect = report.get("per_defect")
     if per_defect:
         for name, values in per_defect["defects"].items():
             if values["recall"] is not None:
                 flat[f"{prefix}recall_{_metric_name(name)}"] = float(values["recall"])
         good = per_defect[GOOD]
-        flat[f"{prefix}good_false_positives"] = float(good["false_positives"])
+        flat[f"{prefix}good_false_positives"] = int(good["false_positives"])
         if good["false_positive_rate"] is not None:
             flat[f"{prefix}good_fpr"] = float(good["false_positive_rate"])
     return flat

@@ -167,6 +167,29 @@ class AnomalyModel(nn.Module):
             raise ConfigError(f"{self.name}: setting {key}={self.settings[key]!r} is invalid; expected {expected}")
 
 
+def setting_ranges(cls: type[AnomalyModel]) -> dict[str, str]:
+    """Each setting's valid values, in the words of the model's own checks (the `expected` of its
+    _check_setting calls): the model is built once with its defaults, on the meta device and without
+    pretrained weights, with every check recorded instead of enforced. A setting no check covers is absent."""
+    import torch
+
+    seen: dict[str, str] = {}
+
+    def record(self, key: str, ok: bool, expected: str) -> None:
+        seen.setdefault(key, expected)
+
+    probe = type(f"{cls.__name__}SettingsProbe", (cls,), {"_check_setting": record})
+    try:
+        with torch.device("meta"):
+            probe(pretrained=False)
+    except Exception:  # noqa: BLE001 - a model whose construction needs real tensors: try on the CPU
+        try:
+            probe(pretrained=False)
+        except Exception:  # noqa: BLE001 - the listing still shows names and defaults
+            pass
+    return seen
+
+
 # Default layers are written with ResNet names; on another backbone the same strides are used.
 _RESNET_STRIDES = {"act1": 2, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 

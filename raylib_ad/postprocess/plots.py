@@ -13,7 +13,6 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.image import imsave
 from scipy import ndimage
 
 from raylib_ad.errors import DataError
@@ -208,9 +207,51 @@ def save_overlay_grid(
     return _save(fig, path)
 
 
-def anomaly_map_png(amap, vmin=None, vmax=None) -> bytes:
-    """PNG bytes of one jet-colorized anomaly map (for the predict CLI and serving)."""
+def image_size(path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header (nothing decoded); None if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # the scoring already reported an unreadable file
+        return None
+
+
+_THRESHOLD_RGB = np.array([255, 255, 255], dtype=np.uint8)  # white: not a jet colour
+
+
+def anomaly_map_png(amap, vmin=None, vmax=None, *, size: tuple[int, int] | None = None,
+                    threshold: float | None = None) -> bytes:
+    """PNG bytes of one jet-colorized anomaly map (for the predict CLI and serving).
+
+    size: (width, height) to resize the map to (bilinear), the scored image's own size; default the map's.
+    threshold: the level (in the map's units: 0.5 on a normalized map is the deployment threshold) whose
+    region is outlined in white. The PNG's text chunks say the colour scale and what the outline marks."""
+    values = np.asarray(amap, dtype=np.float32)
+    if values.ndim != 2:
+        raise DataError(f"anomaly map must be (H, W), got shape {values.shape}")
+    if size is not None and tuple(size) != values.shape[::-1]:
+        from PIL import Image
+
+        values = np.asarray(Image.fromarray(values, mode="F").resize(tuple(int(v) for v in size), Image.BILINEAR))
+    rgb = np.ascontiguousarray(_colorize(values, vmin, vmax))
+    low = float(values.min()) if vmin is None else float(vmin)
+    high = float(values.max()) if vmax is None else float(vmax)
+    legend = {"Description": "anomaly map, jet colour scale", "Scale": f"blue = {low:g}, red = {high:g}"}
+    if threshold is not None:
+        above = values >= threshold
+        outline = above & ~ndimage.binary_erosion(above, border_value=0)
+        thickness = int(round(min(values.shape) / 300))  # about 1 px per 300 px of image: visible when big
+        if thickness:
+            outline = ndimage.binary_dilation(outline, iterations=thickness)
+        rgb[outline] = _THRESHOLD_RGB
+        legend["Threshold"] = f"white outline: map >= {threshold:g} (the deployment threshold)"
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, text in legend.items():
+        info.add_text(key, text)
     buffer = io.BytesIO()
-    # imsave writes the pixels 1:1 (no axes, no resampling), unlike a Figure.
-    imsave(buffer, _colorize(amap, vmin, vmax), format="png")
+    Image.fromarray(rgb).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

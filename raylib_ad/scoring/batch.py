@@ -63,7 +63,8 @@ def score_to_parquet(trained, paths: list[str], out: str | os.PathLike, *, maps_
     start = time.perf_counter()
     if todo:
         ensure_ray()
-        bar = _bar(len(todo)) if progress and progress_enabled() else None
+        bar = None  # drawn from the first scored block: while the actors start, no bar and no runaway ETA (and
+        # what Ray prints as they start, e.g. core_worker.cc's constructor-argument line, lands before the bar)
         try:
             with data_context(progress):
                 ds = predict_dataset(todo, ray.put(payload), image_size=trained.image_size, batch_size=batch_size,
@@ -72,8 +73,13 @@ def score_to_parquet(trained, paths: list[str], out: str | os.PathLike, *, maps_
                 with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as stream:
                     for block in stream:
                         writer.add(block)
+                        if bar is None and progress and progress_enabled():
+                            bar = _bar(len(todo))
                         if bar is not None:
                             bar.update(block.num_rows)
+        except KeyboardInterrupt:  # the CLI prints this as its one line, without a traceback
+            raise KeyboardInterrupt(f"scoring stopped after {writer.scored} of {len(todo)} images; the rows written "
+                                    f"are kept in {sink.parts_dir}: rerun the same command to score the rest") from None
         except BaseException:
             print(f"[raylib_ad] scoring stopped after {writer.scored} of {len(todo)} images; the rows written are "
                   f"kept in {sink.parts_dir}: rerun the same command to score the rest", file=sys.stderr)

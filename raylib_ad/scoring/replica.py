@@ -18,17 +18,22 @@ from raylib_ad.scoring.payload import load_payload
 
 
 def decode_paths(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Decode a batch of paths into uint8 (B, S, S, 3) pixels. A file that cannot be read becomes a row
-    with zero pixels and its error message, so one bad image in a million does not stop the run."""
+    """Decode a batch of paths into uint8 (B, S, S, 3) pixels, with each image's own (width, height) for
+    its map PNG. A file that cannot be read becomes a row with zero pixels, size (0, 0) and its error
+    message, so one bad image in a million does not stop the run."""
+    from raylib_ad.postprocess.plots import image_size as original_size
+
     paths = batch["path"]
     pixels = np.zeros((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    sizes = np.zeros((len(paths), 2), dtype=np.int32)
     errors = np.full(len(paths), "", dtype=object)
     for i, path in enumerate(paths):
         try:
             pixels[i] = load_image(str(path), image_size)
+            sizes[i] = original_size(str(path)) or (image_size, image_size)
         except Exception as exc:  # DataError for unreadable files; anything else is this file's problem too
             errors[i] = str(exc) if type(exc).__name__ == "DataError" else f"cannot read image {path}: {exc!r}"
-    return {"path": np.asarray(paths, dtype=object), "pixels": pixels, "error": errors}
+    return {"path": np.asarray(paths, dtype=object), "pixels": pixels, "size": sizes, "error": errors}
 
 
 def encode_maps(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -110,15 +115,16 @@ class ModelReplica:
             "error": errors,
         }
         if self.with_maps:
-            columns["map_png"] = self._map_pngs(ok, maps)
+            columns["map_png"] = self._map_pngs(ok, maps, batch.get("size"))
         schema = pa.schema([("path", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64()),
                             ("is_anomalous", pa.bool_()), ("threshold", pa.float64()), ("error", pa.string())]
                            + ([("map_png", pa.binary())] if self.with_maps else []))
         return pa.table(columns, schema=schema)
 
-    def _map_pngs(self, ok: np.ndarray, maps: np.ndarray | None) -> list[bytes | None]:
+    def _map_pngs(self, ok: np.ndarray, maps: np.ndarray | None, sizes: np.ndarray | None) -> list[bytes | None]:
         """As `raylib-ad predict --maps` writes them in process: the normalized map (pixel stats, else
-        image stats), colorized on [0, 1]; no PNG without maps or without stats."""
+        image stats), colorized on [0, 1], at the image's own size (decode_paths' size), the threshold
+        (0.5) outlined; no PNG without maps or without stats."""
         stats = self.model.pixel_stats or self.model.image_stats
         pngs: list[bytes | None] = [None] * len(ok)
         if maps is None or stats is None:
@@ -127,5 +133,6 @@ class ModelReplica:
         from raylib_ad.postprocess.plots import anomaly_map_png
 
         for i, amap in zip(np.flatnonzero(ok), np.asarray(maps, dtype=np.float32)):
-            pngs[i] = anomaly_map_png(normalize(amap, stats), vmin=0.0, vmax=1.0)
+            size = None if sizes is None or not np.asarray(sizes[i]).all() else tuple(int(v) for v in sizes[i])
+            pngs[i] = anomaly_map_png(normalize(amap, stats), vmin=0.0, vmax=1.0, size=size, threshold=0.5)
         return pngs

@@ -38,17 +38,22 @@ def score_split_on_ray(model, table: pa.Table, *, batch_size: int = 32, progress
                                map_dtype=map_dtype)
             from raylib_ad.progress import ProgressCounter
 
-            bar = ProgressCounter("scoring", n, enabled=progress, unit="img")  # Ray Data's own bars may be off
+            # Ray Data's own bars may be off. The bar starts with the first scored batch: while the replicas
+            # start there is no ETA to show, and what Ray prints as they start lands before the bar, not in it.
+            bar = None
             with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="numpy"))) as stream:
                 for batch in stream:
                     idx = np.asarray(batch["index"], dtype=np.int64)
+                    if bar is None:
+                        bar = ProgressCounter("scoring", n, enabled=progress, unit="img")
                     bar.update(len(idx))
                     scores[idx] = batch["score"]
                     masks[idx] = batch["mask"]
                     if maps is not None:
                         maps[idx] = decode_maps(batch["map"], batch["map_scale"])
                     seen[idx] = True
-            bar.close()
+            if bar is not None:
+                bar.close()
     if not seen.all():
         raise RuntimeError(f"Ray scoring returned {int(seen.sum())} of {n} rows")
     seconds = time.perf_counter() - start

@@ -85,8 +85,13 @@ class AnomalyDetector:
         self._loaded[category] = slot
         return slot
 
+    async def _known_slot(self, category: str) -> ModelSlot:
+        if category not in self._loaded:  # a first load (or after eviction): an unknown category is answered
+            await asyncio.to_thread(self.catalog.require, category)  # 404 here, not as a failed model load
+        return await self._slot(category)
+
     async def _current_slot(self, category: str) -> ModelSlot:
-        slot = await self._slot(category)
+        slot = await self._known_slot(category)
         if not slot.is_fresh():  # at most every champion_ttl_s: ask the catalog whether the version moved
             await asyncio.to_thread(slot.refresh)
         return slot
@@ -133,7 +138,7 @@ class AnomalyDetector:
     @api.post("/v1/categories/{category}/reload",
               summary="Check the category's current version now and load it if it moved (this replica)")
     async def reload(self, category: str) -> dict[str, Any]:
-        slot = await self._slot(category)
+        slot = await self._known_slot(category)
         before = slot.info
         changed = await asyncio.to_thread(slot.refresh, True)
         return {"category": category, "changed": changed, "previous": before.public() if before else None,

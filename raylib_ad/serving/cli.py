@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import time
 
 from raylib_ad.serving.settings import MiB
@@ -38,7 +40,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Start (or join: RAY_ADDRESS) a Ray cluster, deploy, and serve until Ctrl-C."""
+    """Start (or join: RAY_ADDRESS) a Ray cluster, deploy, and serve until Ctrl-C or SIGTERM (exit 0, one line)."""
     from raylib_ad.serving.app import build_application
     from raylib_ad.serving.settings import ServeSettings
 
@@ -53,17 +55,39 @@ def run_serve(args: argparse.Namespace) -> int:
                     ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
                     autoscaling_config={"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                                         "target_ongoing_requests": args.target_ongoing_requests})
+    import ray
     from ray import serve
 
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
     try:
+        # serve.start runs ray.init, whose native failure-signal handler prints a stack dump on SIGTERM
+        # and whose Python one exits 15 from wherever it lands: ours replaces both once Ray is up.
+        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
         serve.run(app, name="raylib_ad", route_prefix="/", blocking=False)
-        print(f"raylib-ad serve: http://{args.host}:{args.port}/v1/categories (docs at /docs); Ctrl-C stops",
-              flush=True)
+        print(f"raylib-ad serve: http://{args.host}:{args.port}/v1/categories (docs at /docs); Ctrl-C or "
+              f"SIGTERM stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        stopped_by = "Ctrl-C"
+    except _Stop:
+        stopped_by = "SIGTERM"
+    except SystemExit as exit_:  # Ray's own SIGTERM handler, during startup
+        if exit_.code != signal.SIGTERM:
+            raise
+        stopped_by = "SIGTERM"
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the shutdown short
         serve.shutdown()
+        ray.shutdown()
+    print(f"raylib-ad serve: stopped ({stopped_by}); the applications and replicas are shut down", file=sys.stderr,
+          flush=True)
     return 0
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM: ends the serving loop like Ctrl-C."""
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise _Stop()

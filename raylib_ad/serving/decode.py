@@ -4,6 +4,7 @@ while it streams in, the pixel count from the image header before any pixel is d
 from __future__ import annotations
 
 import io
+import re
 from typing import AsyncIterator
 
 import numpy as np
@@ -31,11 +32,15 @@ async def read_body(chunks: AsyncIterator[bytes], limit: int, declared_length: s
 
 
 def decode_image(data: bytes, max_pixels: int, name: str = "request body") -> np.ndarray:
-    """Image file bytes (PNG, JPEG, BMP, TIFF, ... whatever Pillow reads) -> (H, W, 3) uint8 RGB."""
+    """Image file bytes (PNG, JPEG, BMP, TIFF, ... whatever Pillow reads) -> (H, W, 3) uint8 RGB.
+    The pixel count is checked against `max_pixels` (the server's max_image_pixels) from the header,
+    before any pixel is decoded; Pillow's own decompression-bomb limit never answers in its place."""
     from PIL import Image
 
     if not data:
         raise BadRequest(f"{name} is empty: send the image file's bytes")
+    if max_pixels > Image.MAX_IMAGE_PIXELS:  # Pillow refuses twice its limit at open: ours must be the one
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size  # from the header: nothing decoded yet
@@ -45,10 +50,25 @@ def decode_image(data: bytes, max_pixels: int, name: str = "request body") -> np
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except PayloadTooLarge:
         raise
-    except Image.DecompressionBombError as err:  # Pillow's own guard, when max_pixels is set above it
-        raise PayloadTooLarge(f"{name}: {err}") from None
+    except Image.DecompressionBombError as err:  # Pillow's guard fired first (its limit is below ours)
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"is {pixels.group(1)} pixels" if pixels else "has too many pixels"
+        raise PayloadTooLarge(f"{name} {size}; the limit is {max_pixels} (max_image_pixels)") from None
+    except Image.UnidentifiedImageError:
+        raise BadRequest(f"{name} is not a readable image ({len(data)} bytes; not in a format the server reads: "
+                         f"PNG, JPEG, BMP, TIFF, WebP, GIF, ...)") from None
     except Exception as err:  # Pillow raises many types for bytes that are not (whole) images
-        raise BadRequest(f"{name} is not a readable image ({len(data)} bytes; {type(err).__name__}: {err})") from None
+        raise BadRequest(f"{name} is not a readable image ({len(data)} bytes; {_plain(err)})") from None
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise BadRequest(f"{name} decodes to an empty image of shape {rgb.shape}")
     return rgb
+
+
+_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def _plain(err: Exception) -> str:
+    """Pillow's message for the client, without the Python object reprs some messages carry
+    (`<_io.BytesIO object at 0x7f...>`)."""
+    text = _REPR.sub("the image", str(err)).strip()
+    return text or "the image cannot be decoded"

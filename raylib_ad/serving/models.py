@@ -32,12 +32,26 @@ log = logging.getLogger("raylib_ad.serving")
 class ModelInfo:
     category: str
     source: str  # "model_dir" or "registry"
-    name: str  # the registered model name, or the model directory
+    name: str  # the registered model name, or the model directory's name (dir_name): never a server path
     version: int | str  # the registry version, or a fingerprint of the directory's files
     location: str  # the directory, or the version's artifact URI
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version}
+
+
+# Names `raylib-ad train` and `export` give a model directory inside its run folder: alone they say
+# nothing, so the run folder's name comes with them (runs/demo/model -> "demo/model").
+GENERIC_DIR_NAMES = ("model", "export", "model_onnx", "model_openvino")
+
+
+def dir_name(directory: str | os.PathLike) -> str:
+    """The public name of a served model directory: its own name (with its parent's for the generic
+    names above), not the absolute path, which would tell every client the server's file layout."""
+    path = Path(directory)
+    if path.name in GENERIC_DIR_NAMES and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
 
 
 def dir_fingerprint(directory: Path) -> str:
@@ -70,7 +84,7 @@ class Catalog:
     def current(self, category: str) -> ModelInfo:
         directory = self.settings.model_dirs.get(category)
         if directory is not None:
-            return ModelInfo(category, "model_dir", directory, dir_fingerprint(Path(directory)), directory)
+            return ModelInfo(category, "model_dir", dir_name(directory), dir_fingerprint(Path(directory)), directory)
         if not self.settings.registry:
             raise UnknownCategory(f"category {category!r} is not served; served categories: "
                                   f"{sorted(self.settings.model_dirs)}")
@@ -88,6 +102,15 @@ class Catalog:
             raise UnknownCategory(f"category {category!r} is not served: {name} has no '{CHAMPION}' version in the "
                                   f"registry and no model directory was given for it")
         return ModelInfo(category, "registry", champion.name, champion.version, champion.source)
+
+    def require(self, category: str) -> ModelInfo:
+        """current(), with an unknown category logged at INFO: it is the client's 404, not a server fault
+        (checked before the replica's model cache, which logs every failed load at ERROR)."""
+        try:
+            return self.current(category)
+        except UnknownCategory as err:
+            log.info("404 for category %r: %s", category, err.message)
+            raise
 
     def list(self) -> list[ModelInfo]:
         infos = [self.current(c) for c in sorted(self.settings.model_dirs)]
@@ -159,8 +182,11 @@ def load_trained(info: ModelInfo, directory: Path, device: str):
 
         return load(directory, device=device)
     except Exception as err:  # whatever breaks a model directory, the caller answers 503 with the reason
+        log.warning("category %s: %s (%s) failed to load: %s: %s", info.category, info.name, directory,
+                    type(err).__name__, err)  # the server's log keeps the path; the answer names the model
+        reason = str(err).replace(str(directory), info.name)
         raise ModelUnavailable(f"the model for category {info.category!r} ({info.name}, version {info.version}) "
-                               f"failed to load: {type(err).__name__}: {err}") from None
+                               f"failed to load: {reason}") from None
 
 
 class ModelSlot:

@@ -182,3 +182,120 @@ def log_to_run(run_id: str, *, metrics: dict[str, float] | None = None, artifact
     except Exception as err:  # tracking must never lose results already on disk
         print(f"[raylib_ad] MLflow logging to {uri} failed ({type(err).__name__}: {err})", file=sys.stderr)
         return False
+
+
+# Options that steer the command line, not the run: left out of a run's params.
+CLI_PLUMBING = ("progress", "verbose", "overwrite", "mlflow", "experiment", "local_ray")
+PATH_OPTIONS = ("root", "out", "split_file", "weights")  # written as absolute paths
+# Relative to --root, so that the same folder option means the same thing on another machine: left as given.
+ROOT_RELATIVE = ("normal_dir", "abnormal_dir", "mask_dir")
+
+
+def run_params(options: dict[str, Any]) -> dict[str, Any]:
+    """A run's params from its options: the user's choices, paths made absolute, CLI plumbing left out."""
+    params = {k: v for k, v in options.items() if k not in CLI_PLUMBING}
+    for key in PATH_OPTIONS:
+        if params.get(key):
+            params[key] = str(Path(params[key]).expanduser().resolve())
+    return params
+
+
+class TrainingRun:
+    """An MLflow run opened when training starts and closed when it ends, so that its start, end and
+    duration are the fit's. Tracking failures are reported once, never raised: the run then is None and
+    every later call does nothing. Uses MlflowClient (no process-global active run)."""
+
+    def __init__(self, *, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                 uri: str | None = None):
+        self.uri = uri or tracking_uri()
+        self.run_id: str | None = None
+        self._client = None
+        if not _server_reachable(self.uri):
+            print(f"[raylib_ad] MLflow tracking server {self.uri} is unreachable; the run is not logged (the model "
+                  "and metrics are written to the output directory as always).", file=sys.stderr)
+            return
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.uri)
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+            self._client, self.run_id = client, run.info.run_id
+            self.log_params(params)
+        except Exception as err:  # tracking must never stop training
+            self._fail(err)
+
+    def _fail(self, err: Exception) -> None:
+        print(f"[raylib_ad] MLflow logging to {self.uri} failed ({type(err).__name__}: {err}); the run's files are "
+              "in its output directory.", file=sys.stderr)
+        if self._client is not None and self.run_id is not None:
+            try:
+                self._client.set_terminated(self.run_id, status="FAILED")
+            except Exception:  # noqa: BLE001 - already reporting a failure
+                pass
+        self._client, self.run_id = None, None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self._client is None:
+            return
+        from mlflow.entities import Param
+
+        flat: dict[str, Any] = {}
+        _flatten("", params, flat)
+        try:
+            items = [Param(k, str(v)[:500]) for k, v in flat.items()]
+            for start in range(0, len(items), 100):
+                self._client.log_batch(self.run_id, params=items[start : start + 100])
+        except Exception as err:
+            self._fail(err)
+
+    def finish(self, *, metrics: dict[str, Any], model_dir: str | os.PathLike | None,
+               artifacts: list[str | os.PathLike] = (), history: list[dict[str, Any]] | None = None,
+               params: dict[str, Any] | None = None) -> str | None:
+        """Log the results and end the run (FINISHED). Returns the run id, or None if tracking failed."""
+        if self._client is None:
+            return None
+        from mlflow.entities import Metric
+
+        try:
+            if params:
+                self.log_params(params)
+                if self._client is None:
+                    return None
+            now = int(time_ms())
+            rows = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            for record in history or []:  # per-epoch curves of gradient-trained models
+                step = int(record["epoch"])
+                rows += [Metric(f"epoch_{k}", float(v), now, step) for k, v in record.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
+            for start in range(0, len(rows), 1000):
+                self._client.log_batch(self.run_id, metrics=rows[start : start + 1000])
+            if model_dir is not None:
+                self._client.log_artifacts(self.run_id, str(model_dir), artifact_path="model")
+            for path in artifacts:
+                if Path(path).is_file():
+                    self._client.log_artifact(self.run_id, str(path),
+                                              artifact_path="plots" if str(path).endswith(".png") else None)
+            self._client.set_terminated(self.run_id, status="FINISHED")
+            return self.run_id
+        except Exception as err:
+            self._fail(err)
+            return None
+
+    def fail(self) -> None:
+        """End the run as FAILED (training raised or was interrupted)."""
+        if self._client is None:
+            return
+        try:
+            self._client.set_terminated(self.run_id, status="FAILED")
+        except Exception:  # noqa: BLE001 - the training error is the one to report
+            pass
+        self._client, self.run_id = None, None
+
+
+def time_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

@@ -16,6 +16,7 @@ Also holds the two helpers `train/run.py` shares with these: `write_metrics` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -171,8 +172,14 @@ def run_evaluation(opts: EvaluationOptions) -> dict[str, Any]:
     out = prepare_out_dir(opts.out, opts.overwrite)
     run.write_split_csv(out)
     model = read_model(source.directory, device=_device(opts.device))
-    evaluation = evaluate_on_test(model, run, out, batch_size=opts.batch_size, progress=opts.progress)
-    metrics = {**evaluation["metrics"], "n_train": run.train_rows.num_rows, "n_test": run.test_rows.num_rows}
+    scored, pixel, reused = _stored_or_new_scores(model, run, source, opts, out)
+    evaluation = evaluate_on_test(model, run, out, batch_size=opts.batch_size, progress=opts.progress, scored=scored,
+                                  pixel=pixel)
+    metrics = {**evaluation["metrics"], "n_train": run.train_rows.num_rows, "n_test": run.test_rows.num_rows,
+               "reused_scores": reused}
+    trained_metrics = (source.stats or {}).get("metrics") or {}
+    if trained_metrics.get("random_weights"):  # said by the training run (stats.json): random networks
+        metrics.update(random_weights=True, random_weights_note=trained_metrics.get("random_weights_note"))
 
     # The model as deployed: its own stats.json threshold on the same held-out images (the threshold above
     # is fitted afresh on this data's validation subset; on the training data the two agree).
@@ -184,6 +191,12 @@ def run_evaluation(opts: EvaluationOptions) -> dict[str, Any]:
         report = threshold_report(scored.labels[held], scored.scores[held], deployed, [defects[i] for i in held])
         metrics.update(threshold_metrics(report, prefix="deployed_image_"))
         sections["at_deployed_threshold"] = report
+    from raylib_ad.train.outputs import threshold_warnings
+
+    warnings = threshold_warnings({k[len("deployed_"):]: v for k, v in metrics.items() if k.startswith("deployed_")}
+                                  if deployed is not None else metrics)
+    if warnings:  # printed with the summary
+        metrics["warnings"] = warnings
     write_metrics(out, metrics, evaluation["at_threshold"], **sections)
 
     if opts.mlflow:
@@ -193,8 +206,9 @@ def run_evaluation(opts: EvaluationOptions) -> dict[str, Any]:
             tags.update(registered_model=source.registered.name, registered_version=str(source.registered.version))
         run_id = log_training_run(
             experiment=opts.experiment, run_name=f"evaluate-{run.cls.name}-{options.data}-{run.category}",
-            params={"model_source": source.spec, "data": options.data, "root": options.root,
-                    "category": run.category, "split_file": options.split_file, "seed": options.seed,
+            params={"model_source": source.spec, "data": options.data, "root": str(Path(options.root).resolve()),
+                    "category": run.category, "split_file": options.split_file and str(Path(options.split_file).resolve()),
+                    "seed": options.seed,
                     "val_fraction": options.val_fraction, "config": source.config},
             metrics=metrics, model_dir=None, artifacts=[out / "metrics.json", out / "split.csv", *evaluation["plots"]],
             tags=tags, uri=opts.tracking_uri)
@@ -203,6 +217,80 @@ def run_evaluation(opts: EvaluationOptions) -> dict[str, Any]:
             write_metrics(out, metrics, evaluation["at_threshold"], **sections)
     print(summary_table(run.cls.name, run.category, metrics), file=sys.stderr)
     return metrics
+
+
+def _stored_or_new_scores(model, run, source: ModelSource, opts: EvaluationOptions, out: Path):
+    """The test split's ScoredSplit for `evaluate`: the scores the training run stored for these weights
+    (train/stored.py) where they cover the image, the rest scored now, on Ray Data across the cluster when
+    there are enough of them (as `train` scores), else in process. Returns (scored, pixel, reused): `pixel`
+    holds the stored run's pixel figures when the stored scores cover this very split; a model with maps
+    whose split is not covered is scored whole (its pixel metrics need every map)."""
+    from raylib_ad.evaluation import ScoredSplit
+    from raylib_ad.train.stored import covers, read_scores
+
+    stored = read_scores(source.directory)
+    if stored is not None and covers(stored, run.test_rows, run.val_idx):
+        maps = None if stored.small_maps is None else stored.small_maps.astype(np.float32)
+        scored = ScoredSplit(labels=stored.labels, scores=stored.scores, masks=None, maps=maps, seconds=0.0)
+        print(f"[raylib_ad] reusing the {len(stored.paths)} scores the training run stored "
+              f"({source.directory.parent / 'scores.npz'}); nothing to score", file=sys.stderr)
+        return scored, {"pixel_metrics": stored.meta.get("pixel_metrics"),
+                        "pixel_stats": stored.meta.get("pixel_stats")}, len(stored.paths)
+    paths = run.test_rows.column("path").to_pylist()
+    known = {} if stored is None or model.produces_maps else stored.index()
+    new = np.asarray([i for i, path in enumerate(paths) if path not in known], dtype=np.int64)
+    with _scoring_context(opts, out, new.size):
+        fresh = _score(model, run.test_rows.take(new) if new.size < len(paths) else run.test_rows, opts) \
+            if new.size else None
+    if new.size == len(paths):
+        return fresh, None, 0
+    labels = np.asarray(run.test_rows.column("label").to_pylist(), dtype=np.int64)
+    scores = np.empty(len(paths), dtype=np.float32)
+    old = np.asarray([i for i, path in enumerate(paths) if path in known], dtype=np.int64)
+    scores[old] = stored.scores[[known[paths[i]] for i in old]]
+    if fresh is not None:
+        scores[new] = fresh.scores
+    print(f"[raylib_ad] reused {old.size} stored scores, scored {new.size} new images", file=sys.stderr)
+    return ScoredSplit(labels=labels, scores=scores, masks=None, maps=None,
+                       seconds=fresh.seconds if fresh is not None else 0.0), None, int(old.size)
+
+
+def _score(model, table, opts: EvaluationOptions):
+    from raylib_ad.evaluation import score_split
+
+    return score_split(model, table, batch_size=opts.batch_size, progress=opts.progress)
+
+
+def _scoring_context(opts: EvaluationOptions, out: Path | None, images: int):
+    """Ray Data scoring (train's split_scoring_on_ray, one replica per worker of the cluster's CPUs) for a
+    split big enough to be worth starting replicas (train/run.py CLUSTER_SCORING_MIN_IMAGES); Ray's own
+    output goes to OUT/ray.log as in `train`."""
+    import contextlib
+
+    from raylib_ad.train.run import CLUSTER_SCORING_MIN_IMAGES
+
+    if images < max(1, CLUSTER_SCORING_MIN_IMAGES):
+        return contextlib.nullcontext()
+    return _on_ray(opts, out)
+
+
+@contextlib.contextmanager
+def _on_ray(opts: EvaluationOptions, out: Path | None):
+    from raylib_ad.console import current, install_console
+    from raylib_ad.evaluation import split_scoring_on_ray
+    from raylib_ad.scoring.pipeline import ReplicaPool
+    from raylib_ad.train.ray_setup import ensure_ray
+
+    console = current()
+    if console is None and out is not None:
+        console = install_console(out / "ray.log", progress=opts.progress)  # closed by the CLI when it ends
+        print(f"[raylib_ad] Ray's own output goes to {console.log_file}", file=sys.stderr)
+    ensure_ray()
+    if console is not None:
+        console.attach_ray()
+    gpu = _device(opts.device).startswith("cuda")
+    with split_scoring_on_ray(ReplicaPool(actors=1, gpus_per_actor=1.0 if gpu else 0.0)):
+        yield
 
 
 # --- raylib-ad threshold -------------------------------------------------------------------------------------
@@ -238,24 +326,38 @@ def run_threshold(opts: EvaluationOptions, *, target_recall: float | None = None
     anomaly_map_mode=nfa: -log10 NFA > -log10 epsilon, no labels used), for image and pixel decisions.
     Returns what `raylib-ad threshold` prints."""
     from raylib_ad.artifact import read_model, write_stats
-    from raylib_ad.evaluation import score_split
+    from raylib_ad.evaluation import ScoredSplit
     from raylib_ad.postprocess.threshold import fit_goal_threshold
     from raylib_ad.train.prepare import prepare
+    from raylib_ad.train.stored import covers, read_scores
 
     if sum(goal is not None for goal in (target_recall, target_fpr, label_free)) != 1:
         raise ConfigError("give exactly one goal: --target-recall R, --target-fpr F or --label-free")
     source = resolve_model(opts.model, opts.tracking_uri)
     options = train_options(opts, source)
-    model = read_model(source.directory, device=_device(opts.device))
+    # A run's model directory has its test scores beside it (train/stored.py): then nothing is scored, and
+    # the images, which that run decoded and checked, are not decoded again either.
+    stored = read_scores(source.directory) if source.registered is None else None
+    needs_maps = label_free is not None and source.config.get("model") is not None and stored is not None \
+        and stored.small_maps is not None  # the label-free pixel normalization is fitted on whole maps
+    model = None
     label_free_threshold = None
     if label_free is not None:
+        model = read_model(source.directory, device=_device(opts.device))
         find = getattr(model, "label_free_threshold", None)
         label_free_threshold = find(label_free) if find is not None else None
         if label_free_threshold is None:
             raise ConfigError(f"{model.name} has no label-free threshold; U-Flow trained with "
                               "--set anomaly_map_mode=nfa has one (-log10 NFA, the U-Flow paper's a contrario test)")
-    run = prepare(options)
-    scored = score_split(model, run.test_rows, batch_size=opts.batch_size, progress=opts.progress)
+    run = prepare(options, validate=stored is None)
+    if stored is not None and not needs_maps and covers(stored, run.test_rows, run.val_idx):
+        scored = ScoredSplit(labels=stored.labels, scores=stored.scores, masks=None, maps=None, seconds=0.0)
+        print(f"[raylib_ad] using the scores the training run stored ({source.directory.parent / 'scores.npz'}): "
+              "nothing to score", file=sys.stderr)
+    else:
+        model = model or read_model(source.directory, device=_device(opts.device))
+        with _scoring_context(opts, None, run.test_rows.num_rows):
+            scored = _score(model, run.test_rows, opts)
     val, held = run.val_idx, run.heldout_idx
     if label_free_threshold is not None:
         threshold, method = float(label_free_threshold), "nfa"
@@ -286,10 +388,93 @@ def run_threshold(opts: EvaluationOptions, *, target_recall: float | None = None
         print(f"[raylib_ad] WARNING: {warning}", file=sys.stderr)
     if source.registered is None:
         write_stats(source.directory, stats)
+        result["updated"] = _update_run(source, stats, run, scored, stored, threshold, opts)
     else:
         result.update(_register_new_version(source, stats, result, opts, run))
     print(_threshold_line(result), file=sys.stderr)
     return result
+
+
+# metrics.json entries that are not flat metrics
+SECTIONS = ("at_threshold", "warnings", "threshold_goal", "model", "at_deployed_threshold")
+THRESHOLD_KEYS = {"image_threshold", "image_tpr", "image_fpr", "image_tp", "image_fp", "image_tn", "image_fn",
+                  "image_precision", "image_recall", "image_f1", "image_good_false_positives", "image_good_fpr"}
+
+
+def _depends_on_threshold(key: str) -> bool:
+    return key in THRESHOLD_KEYS or key.startswith("image_recall_")
+
+
+def _update_run(source: ModelSource, stats: dict[str, Any], run, scored, stored, threshold: float,
+                opts: EvaluationOptions) -> list[str]:
+    """A run's model directory got a new threshold: bring the rest of the run with it, so that nothing
+    shows the old one: metrics.json (its threshold-dependent metrics, the confusion matrix and per-defect
+    table, the warnings), roc.png, threshold.png, heatmaps.png, and the training run's MLflow copy (its
+    model/stats.json, which the registered versions of that run point to, its metrics.json, plots and
+    metrics). Returns what was updated."""
+    from raylib_ad.evaluation import ScoredSplit
+    from raylib_ad.metrics import threshold_report
+    from raylib_ad.train.outputs import _write_plots, threshold_warnings
+
+    run_dir = source.directory.parent
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return []  # a model directory on its own: its stats.json is all there is
+    document = json.loads(metrics_path.read_text())
+    held = np.asarray(run.heldout_idx, dtype=np.int64)
+    defects = run.test_rows.column("defect").to_pylist()
+    at_threshold = threshold_report(scored.labels[held], scored.scores[held], threshold, [defects[i] for i in held])
+    flat = {k: v for k, v in document.items() if k not in SECTIONS and not _depends_on_threshold(k)}
+    flat.update({k: v for k, v in stats["metrics"].items() if _depends_on_threshold(k)})
+    warnings = threshold_warnings(flat)
+    if warnings:
+        flat["warnings"] = warnings
+        for warning in warnings:
+            print(f"[raylib_ad] WARNING: {warning}", file=sys.stderr)
+    sections = {k: document[k] for k in SECTIONS if k in document and k not in ("at_threshold", "warnings")}
+    sections["threshold_goal"] = stats["threshold_goal"]
+    write_metrics(run_dir, flat, at_threshold, **sections)
+    updated = [str(metrics_path)]
+    maps = None
+    if stored is not None and stored.small_maps is not None:
+        maps = stored.small_maps.astype(np.float32)
+    elif scored.maps is not None:
+        maps = scored.maps
+    plotted = ScoredSplit(labels=scored.labels, scores=scored.scores, masks=None, maps=maps, seconds=0.0)
+    report = {"heldout_idx": held.tolist(), "image_stats": stats["image_stats"], "pixel_stats": stats.get("pixel_stats")}
+    plots = [p for p in _write_plots(run_dir, run, plotted, report, at_threshold)
+             if p.name != "training_curves.png"]  # (listed by _write_plots when present; it does not change)
+    updated += [str(p) for p in plots]
+    run_id = document.get("mlflow_run_id")
+    if run_id:
+        updated += _update_mlflow_copy(run_id, document.get("mlflow_tracking_uri") or opts.tracking_uri,
+                                       source.directory, metrics_path, plots, flat)
+    return updated
+
+
+def _update_mlflow_copy(run_id: str, uri: str | None, model_dir: Path, metrics_path: Path, plots, flat) -> list[str]:
+    """The training run's artifacts rewritten in place: model/stats.json (registered versions of the run
+    read their files from there), metrics.json, the plots; its threshold metrics logged again."""
+    from raylib_ad.artifact import STATS_FILE
+    from raylib_ad.tracking.mlflow_run import tracking_uri
+
+    uri = uri or tracking_uri()
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        client.log_artifact(run_id, str(model_dir / STATS_FILE), artifact_path="model")
+        client.log_artifact(run_id, str(metrics_path))
+        for path in plots:
+            client.log_artifact(run_id, str(path), artifact_path="plots")
+        for key, value in flat.items():
+            if key.startswith("image_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                client.log_metric(run_id, key, float(value))
+        return [f"mlflow run {run_id} ({uri})"]
+    except Exception as err:  # the model directory and the run's files have it: say so, do not fail
+        print(f"[raylib_ad] the MLflow copy of run {run_id} at {uri} still has the old threshold "
+              f"({type(err).__name__}: {err})", file=sys.stderr)
+        return []
 
 
 def _stats_with_threshold(source, run, options, scored, threshold, method) -> dict[str, Any]:

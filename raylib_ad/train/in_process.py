@@ -82,7 +82,8 @@ def fit_in_process(model, train, val=None, *, device: str = "cpu", **config: Any
     `train`: a (N, 3, H, W) tensor of normalized images, or a manifest table; `val`: a dict of tensors
     ("image", "label", "mask") or a manifest table. Used by the tests and `jobs/benchmark.py --no-ray`."""
     cfg = RunnerConfig(**{"image_size": model.image_size, "mean": model.normalization[0], "std": model.normalization[1],
-                          "seed": model.seed, **config})
+                          "seed": model.seed, "train_images": len(train) if isinstance(train, torch.Tensor)
+                          else train.num_rows, **config})
     model.to(device)
     io = InProcessIO(train, val, device=device, config=cfg)
     metrics = run_recipe(model, io, cfg)

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raylib_ad.assets import prepare_model_assets
 from raylib_ad.data import build_manifest, split_counts, validate_manifest
 from raylib_ad.errors import ConfigError
 from raylib_ad.models import AnomalyModel, model_class
@@ -94,6 +95,10 @@ def prepare(options: TrainOptions, validate: bool = True, quiet: bool = False) -
     if not quiet:
         print(f"[raylib_ad] {options.data}/{category}: {split_counts(table)}; test split: {val_idx.size} validation, "
               f"{heldout_idx.size} held-out", file=sys.stderr)
+    # The files anomalib downloads (raylib_ad/assets.py), after every cheaper check: fetched into the cache now
+    # (before any worker starts), or one error naming each missing file, its address and the fallback setting.
+    prepare_model_assets(cls, options.settings, pretrained=kwargs.get("pretrained", True),
+                         weights=kwargs.get("weights"))
     mean, std = probe.normalization
     return PreparedRun(options=options, cls=cls, category=category, table=table, train_rows=train_rows,
                        test_rows=test_rows, val_idx=val_idx, heldout_idx=heldout_idx, model_kwargs=kwargs,

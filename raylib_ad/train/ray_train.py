@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -35,6 +36,8 @@ from ray.train.torch import TorchTrainer
 from raylib_ad.errors import ModelError
 from raylib_ad.models import create_model
 from raylib_ad.train.runner import FINAL_MODEL, PROGRESS, RunnerConfig, run_recipe
+from raylib_ad.train.watchdog import (MEMORY_ADVICE, Heartbeat, ProgressBoard, RunStalledError, describe_stall,
+                                      kernel_oom_kills, memory_kill, run_watched, stall_seconds)
 
 
 def deal_rows(table: pa.Table, workers: int) -> list[pa.Table]:
@@ -45,17 +48,26 @@ def deal_rows(table: pa.Table, workers: int) -> list[pa.Table]:
 class RayWorkerIO:
     """WorkerIO (train/runner.py) over Ray Train: this worker's datasets, reports and checkpoints."""
 
-    def __init__(self, device: torch.device, prefetch_batches: int, has_val: bool):
+    def __init__(self, device: torch.device, prefetch_batches: int, has_val: bool, board: Any = None,
+                 faults: dict[str, Any] | None = None):
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = device
         self._prefetch = prefetch_batches
         self._has_val = has_val
+        self.beat = Heartbeat(board, self.rank)  # the driver's watchdog sees every batch (train/watchdog.py)
+        self.beat("started", force=True)
+        self._faults = faults or {}
+        self._passes = self._checkpoints = 0
 
     def train_batches(self, batch_size: int) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         shard = ray.train.get_dataset_shard(f"train_{self.rank}")
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=self.device,
-                                              prefetch_batches=self._prefetch):
+        self._passes += 1
+        self._maybe_die("pass", self._passes, 0)  # while the data starts loading
+        for index, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, device=self.device,
+                                                               prefetch_batches=self._prefetch)):
+            self._maybe_die("pass", self._passes, index + 1)
+            self.beat(f"training batch {index + 1}")
             # Video data also says which video each clip comes from (a Collect stage may use it).
             yield {"image": batch["image"], "video": batch["video"]} if "video" in batch else batch["image"]
 
@@ -63,7 +75,27 @@ class RayWorkerIO:
         if not self._has_val:
             return None
         shard = ray.train.get_dataset_shard(f"val_{self.rank}")
-        return shard.iter_torch_batches(batch_size=batch_size, device=self.device)
+        return self._beating(shard.iter_torch_batches(batch_size=batch_size, device=self.device), "validation")
+
+    def _maybe_die(self, where: str, count: int, batch: int) -> None:
+        """Testing hook (tests/test_faults.py): `faults` = {"at": "pass" | "checkpoint", "count": the n-th
+        pass over the training shard (any stage) or n-th checkpoint, "batch": batches read in that pass
+        (0: before the first), "rank", "marker"} kills this worker process once, as a crash would; with
+        "action": "hang" the worker stops there instead, as one waiting forever would."""
+        plan = self._faults
+        if not plan or plan["at"] != where or plan.get("count", 1) != count or plan.get("batch", 0) != batch:
+            return
+        if self.rank != plan.get("rank", min(1, self.world_size - 1)) or os.path.exists(plan["marker"]):
+            return
+        Path(plan["marker"]).write_text(f"{where} {count} batch {batch}")
+        if plan.get("action") == "hang":
+            time.sleep(10**6)
+        os._exit(1)
+
+    def _beating(self, batches, what: str):
+        for index, batch in enumerate(batches):
+            self.beat(f"{what} batch {index + 1}")
+            yield batch
 
     def restore(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
@@ -80,6 +112,10 @@ class RayWorkerIO:
         return Path(checkpoint.to_directory(local))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.beat("reporting" + (" a checkpoint" if checkpoint_dir else ""), force=True)
+        if checkpoint_dir is not None:
+            self._checkpoints += 1
+            self._maybe_die("checkpoint", self._checkpoints, 0)  # written locally, not yet reported
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
@@ -100,7 +136,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     runner = RunnerConfig(**config["runner"])
     torch.manual_seed(runner.seed)  # anything a model draws from the global RNG is drawn alike on every run
     model = create_model(config["model"], **config["model_kwargs"]).to(device)
-    io = RayWorkerIO(device, runner.prefetch_batches, config["has_val"])
+    io = RayWorkerIO(device, runner.prefetch_batches, config["has_val"], config.get("board"), config.get("faults"))
     run_recipe(model, io, runner)
 
 
@@ -128,50 +164,75 @@ def fit_on_ray(
     run_name: str,
     max_failures: int = 2,
     callbacks: list | None = None,
-    decode_cpus: float = 0.5,
+    decode_tasks: int = 2,
     relay_progress: bool = False,
+    stall_minutes: float | None = None,
+    faults: dict[str, Any] | None = None,
 ) -> RayFit:
-    """Train `model` by its recipe on `workers` Ray Train workers."""
+    """Train `model` by its recipe on `workers` Ray Train workers. A run whose workers make no progress
+    for `stall_minutes` (default: RAYLIB_AD_STALL_MINUTES, else 20) stops with RunStalledError saying on
+    what it waited; its checkpoint is kept."""
+    limit_s = stall_seconds(stall_minutes)
     from raylib_ad.data.ray_dataset import manifest_to_dataset
 
-    datasets = {}
-    for rank, rows in enumerate(deal_rows(train_rows, workers)):
-        datasets[f"train_{rank}"] = manifest_to_dataset(rows, runner.image_size, runner.mean, runner.std,
-                                                        decode_cpus=decode_cpus)
-    if val_rows is not None:
-        for rank, rows in enumerate(deal_rows(val_rows, workers)):
-            datasets[f"val_{rank}"] = manifest_to_dataset(rows, runner.image_size, runner.mean, runner.std,
-                                                          with_masks=True, decode_cpus=decode_cpus)
+    datasets: dict[str, Any] = {}
+
+    def build_datasets() -> dict[str, Any]:
+        # Built under the watchdog: Ray Data runs a task to read the blocks' metadata, and on a cluster
+        # with no free CPU that task waits like the workers would.
+        if datasets:
+            return datasets
+        for rank, rows in enumerate(deal_rows(train_rows, workers)):
+            datasets[f"train_{rank}"] = manifest_to_dataset(rows, runner.image_size, runner.mean, runner.std,
+                                                            decode_tasks=decode_tasks)
+        if val_rows is not None:
+            for rank, rows in enumerate(deal_rows(val_rows, workers)):
+                datasets[f"val_{rank}"] = manifest_to_dataset(rows, runner.image_size, runner.mean, runner.std,
+                                                              with_masks=True, decode_tasks=decode_tasks)
+        return datasets
+
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # a fixed image order per worker: reproducible runs
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    board = ProgressBoard.remote()
     trainer_kwargs = dict(
         train_loop_config={"model": model, "model_kwargs": model_kwargs, "runner": asdict(runner),
                            "has_val": val_rows is not None, "torch_threads": max(1, int(cpus_per_worker)),
-                           "relay_progress": relay_progress},
+                           "relay_progress": relay_progress, "board": board, "faults": faults},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=RunConfig(storage_path=storage_path, name=run_name, failure_config=FailureConfig(max_failures=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
     )
     start = time.perf_counter()
     restarts = 0
+    resume_hint = (f"Its latest checkpoint is kept under {storage_path}/{run_name}: run the same command "
+                   f"again to resume from it.")
+
+    def describe(stall):
+        return describe_stall(stall, limit_s, resources, workers, resume_hint)
+
     while True:
+        oom_kills = kernel_oom_kills()
         try:
-            result = TorchTrainer(_worker_loop, **trainer_kwargs).fit()
+            result = run_watched(lambda: TorchTrainer(_worker_loop, datasets=build_datasets(), **trainer_kwargs).fit(),
+                                 board, limit_s, describe)
             break
         except Exception as error:  # noqa: BLE001 - classified below
-            lost = _lost_worker(error)
+            if isinstance(error, RunStalledError):
+                raise
+            lost = _lost_worker(error, oom_kills)
             if not lost:
                 raise ModelError(f"{model} failed inside a worker: {_first_cause(error)}") from error
+            advice = f"; if it happens again, {MEMORY_ADVICE}" if "killed for memory" in lost else ""
             if restarts >= max_failures:
                 raise RuntimeError(f"{model}: workers were lost {restarts + 1} times ({lost}); giving up "
-                                   f"(the last checkpoint is under {storage_path}/{run_name})") from error
+                                   f"(the last checkpoint is under {storage_path}/{run_name}){advice}") from error
             restarts += 1
-            print(f"[raylib_ad] a worker was lost ({lost}); restarting from the latest checkpoint "
-                  f"({restarts}/{max_failures})", flush=True)
+            what = "a worker was " + (lost if "killed for memory" in lost else f"lost ({lost})")
+            print(f"[raylib_ad] {what}; restarting from the latest checkpoint ({restarts}/{max_failures}){advice}",
+                  flush=True)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the logs under {storage_path}/{run_name}")
     directory = Path(result.checkpoint.path)
@@ -193,16 +254,20 @@ def _user_exception(failure: BaseException) -> BaseException | None:
     return failure
 
 
-def _lost_worker(error: BaseException) -> str | None:
-    """A description of the worker death behind `error`, or None when the model's own code raised."""
+def _lost_worker(error: BaseException, oom_kills_before: int | None = None) -> str | None:
+    """A description of the worker death behind `error` ('rank 1 killed for memory by ...' when memory
+    ended it), or None when the model's own code raised."""
     failures = getattr(error, "worker_failures", None)
     if failures is None:  # the controller itself failed: not the model's doing
-        return None if isinstance(error, (ValueError, TypeError)) else type(error).__name__
+        if isinstance(error, (ValueError, TypeError)):
+            return None
+        return memory_kill(error, oom_kills_before) or type(error).__name__
     # When one worker dies the others fail in their next collective ("connection closed by peer"): a
     # death anywhere wins. Deaths show up as health-check failures or actor errors, not user exceptions.
     for rank, failure in sorted(failures.items()):
         if _user_exception(failure) is None:
-            return f"rank {rank}: {type(failure).__name__}"
+            memory = memory_kill(failure, oom_kills_before)
+            return f"rank {rank} {memory}" if memory else f"rank {rank}: {type(failure).__name__}"
     return None
 
 

@@ -22,16 +22,21 @@ from raylib_ad.console import install_console
 from raylib_ad.evaluation import score_split, split_scoring_on_ray
 from raylib_ad.options import TrainOptions
 from raylib_ad.postprocess.report import evaluation_report, threshold_free_metrics
-from raylib_ad.tracking.mlflow_run import log_training_run
+from raylib_ad.tracking.mlflow_run import TrainingRun, run_params
 from raylib_ad.outdir import prepare_out_dir
-from raylib_ad.train.outputs import evaluate_on_test, plot_history, summary_table
+from raylib_ad.train.outputs import RANDOM_WEIGHTS_NOTE, evaluate_on_test, plot_history, random_weights, summary_table
+from raylib_ad.train.outputs import threshold_warnings
+from raylib_ad.train.stored import write_scores
 # shared with `raylib-ad evaluate` / `threshold`, which write the same files
 from raylib_ad.train.evaluate import deployment_stats as _deployment_stats
 from raylib_ad.train.evaluate import write_metrics as _write_metrics
 from raylib_ad.train.prepare import PreparedRun, prepare
 
 WORKER_KEYS = ("fit_compute_seconds", "memory_bank_rows", "feature_seconds", "coreset_seconds", "best_epoch",
-               "best_val_image_auroc", "epochs")
+               "best_val_image_auroc", "epochs",
+               # the kept weights and why training stopped (train/checkpoints.py kept_summary)
+               "best_step", "best_val_pixel_auroc", "kept", "kept_by", "stop_reason", "stopped_because", "epochs_run",
+               "steps_run", "val_ties", "validation_note")
 
 
 def run_training(options: TrainOptions) -> dict[str, Any]:
@@ -40,6 +45,22 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     run.write_split_csv(out)
     console = install_console(out / "ray.log", verbose=options.verbose, progress=options.progress)
     print(f"[raylib_ad] Ray's own output goes to {console.log_file} (--verbose prints it too)", file=sys.stderr)
+    tracking = None
+    if options.mlflow:  # opened now, so that the run's start, end and duration are the training's
+        tracking = TrainingRun(experiment=options.experiment, run_name=f"{run.cls.name}-{options.data}-{run.category}",
+                               params={**run_params(options.to_dict()), "category": run.category,
+                                       "backbone": run.backbone},
+                               tags={"model": run.cls.name, "dataset": options.data, "category": run.category})
+    try:
+        return _train_and_report(run, out, console, tracking)
+    except BaseException:
+        if tracking is not None:
+            tracking.fail()
+        raise
+
+
+def _train_and_report(run: PreparedRun, out: Path, console, tracking: TrainingRun | None) -> dict[str, Any]:
+    options = run.options
     fit = fit_on_cluster(run, out)
 
     model = read_model(fit.model_dir, device=_eval_device(options))
@@ -57,20 +78,26 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     }
     if fit.history:
         metrics["train_images_per_second"] = float(np.mean([h["train_images_per_second"] for h in fit.history]))
+    if random_weights(model.settings, run.model_kwargs.get("pretrained", True) or run.backbone is None):
+        metrics["random_weights"] = True
+        metrics["random_weights_note"] = RANDOM_WEIGHTS_NOTE
+    warnings = threshold_warnings(metrics)  # printed with the summary, kept in metrics.json
+    if warnings:
+        metrics["warnings"] = warnings
     final_dir = _install_model(fit.model_dir, out)
     write_stats(final_dir, _deployment_stats(report, metrics, options, run.category))
+    # The test split's scores, once: `threshold` and `evaluate` reuse them instead of scoring again.
+    write_scores(out, final_dir, run.test_rows, evaluation["scored"], run.val_idx, report)
     plots = evaluation["plots"]
     _write_metrics(out, metrics, evaluation["at_threshold"])
 
-    if options.mlflow:
-        run_id = log_training_run(
-            experiment=options.experiment, run_name=f"{run.cls.name}-{options.data}-{run.category}",
-            params={**options.to_dict(), "category": run.category, "backbone": run.backbone,
-                    "layers": model.layers, "settings": model.settings},
-            metrics=metrics, model_dir=final_dir, artifacts=[out / "metrics.json", out / "split.csv", *plots],
-            history=fit.history, tags={"model": run.cls.name, "dataset": options.data, "category": run.category})
+    if tracking is not None:
+        run_id = tracking.finish(metrics=metrics, model_dir=final_dir, history=fit.history,
+                                 artifacts=[out / "metrics.json", out / "split.csv", *plots],
+                                 params={"layers": model.layers, "settings": model.settings})
         if run_id:
             metrics["mlflow_run_id"] = run_id
+            metrics["mlflow_tracking_uri"] = tracking.uri
             _write_metrics(out, metrics, evaluation["at_threshold"])
     print(summary_table(run.cls.name, run.category, metrics), file=sys.stderr)
     console.close()  # on failure it stays, so that the CLI can print the end of Ray's log
@@ -84,7 +111,7 @@ def runner_config(run: PreparedRun):
     return RunnerConfig(batch_size=run.batch_size, max_epochs=o.max_epochs, max_steps=o.max_steps,
                         patience=run.cls.default_patience if o.patience is None else (o.patience or None),
                         max_minutes=o.max_minutes, val_every_minutes=o.val_every_minutes, seed=o.seed, progress=o.progress,
-                        image_size=o.image_size, mean=run.mean, std=run.std)
+                        train_images=run.train_rows.num_rows, image_size=o.image_size, mean=run.mean, std=run.std)
 
 
 def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
@@ -111,7 +138,7 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
         raise RuntimeError(f"workers ended with different models (digests {digests}); "
                            "refusing to save")
     if fit.history:
-        plot_history(fit.history, out, fit.val_curve)
+        plot_history(fit.history, out, fit.val_curve, kept=fit.metrics)
     return fit
 
 

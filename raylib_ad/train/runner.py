@@ -39,6 +39,7 @@ from raylib_ad.train.feature_cache import FrozenFeatureCache
 from raylib_ad.train.step_context import RunnerStepContext, loss_weight
 from raylib_ad.train.checkpoints import FINAL_MODEL, PROGRESS, checkpoint as _checkpoint  # noqa: F401 (re-exported)
 from raylib_ad.train.checkpoints import cpu_state as _cpu_state, record_point as _record_point
+from raylib_ad.train.checkpoints import consider as _consider, kept_summary as _kept_summary
 from raylib_ad.train.checkpoints import restore as _restore
 from raylib_ad.train.validation import fitted_state_digest, validate
 
@@ -76,6 +77,7 @@ class RunnerConfig:
     feature_cache_mb: int = DEFAULT_FEATURE_CACHE_MB
     prefetch_batches: int = 2
     progress: bool = False
+    train_images: int | None = None  # the training set's size, when known: bars with a total and an ETA
     image_size: int = 256
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -98,7 +100,7 @@ def run_recipe(model, io: WorkerIO, config: RunnerConfig) -> dict[str, Any]:
             if recipe[progress["stage"]] is main:  # the model's best validation, before the next stage resets it
                 progress["main_best"] = {"best": progress["best"], "best_epoch": progress["best_epoch"]}
             progress.update(stage=index, stage_done=False, epoch=-1, steps=0, best=-math.inf, best_epoch=-1,
-                            stale=0)
+                            best_key=None, best_step=None, best_ties=0, stale=0)
             saved = None
         begin = time.perf_counter()
         if isinstance(stage, Optimize) and out_of_time:
@@ -137,8 +139,37 @@ def _collect(model, stage: Collect, io: WorkerIO, config: RunnerConfig) -> None:
     model.eval()
     worker_batch = max(1, config.batch_size // io.world_size)
     batches = (_on_device(item, io.device) for item in io.train_batches(worker_batch))
+    count = _steps_per_epoch(config, io, worker_batch)
+    if count is not None:
+        batches = _Sized(batches, count)
     with torch.no_grad():
         stage.run(batches, config.progress and io.rank == 0)
+
+
+class _Sized:
+    """A stream of batches that knows how many it holds (when the training set's size is known), so that a
+    Collect stage's progress bar (`patchcore features`) has a total and an ETA."""
+
+    def __init__(self, iterator, count: int):
+        self._iterator, self._count = iterator, count
+
+    def __iter__(self):
+        return iter(self._iterator)
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _steps_per_epoch(config: RunnerConfig, io: WorkerIO, worker_batch: int) -> int | None:
+    """Batches this worker streams per epoch: rows are dealt round robin (row i to worker i mod N), so
+    worker r holds ceil((n - r) / N) of n images. None when the training set's size is not known."""
+    if not config.train_images:
+        return None
+    rows = -(-max(config.train_images - io.rank, 0) // io.world_size)
+    return max(1, -(-rows // worker_batch))
 
 
 def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerConfig,
@@ -168,9 +199,22 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
         every = 60 * config.val_every_minutes
         next_point = every * (math.floor((time.monotonic() - clock["start"]) / every) + 1)
     by_steps = epochs is None  # the bar counts what the budget counts
-    bar = ProgressCounter(f"{stage.name} {'steps' if by_steps else 'epochs'}", steps_budget if by_steps else epochs,
-                          enabled=config.progress and io.rank == 0, unit="step" if by_steps else "epoch")
-    bar.update(progress["steps"] if by_steps else epoch, force=True)  # a resumed run starts where it was
+    # An epoch budget with a known epoch length: the bar counts steps (epochs x steps per epoch) so that it
+    # moves with every batch and has an ETA; the epoch is in its postfix.
+    per_epoch = None if by_steps else _steps_per_epoch(config, io, worker_batch)
+    if per_epoch is not None and steps_budget is not None:
+        per_epoch = None  # a step budget may end epochs early: the bar would not end where it says
+    if by_steps or per_epoch is None:
+        bar = ProgressCounter(f"{stage.name} {'steps' if by_steps else 'epochs'}",
+                              steps_budget if by_steps else epochs, enabled=config.progress and io.rank == 0,
+                              unit="step" if by_steps else "epoch")
+        bar.update(progress["steps"] if by_steps else epoch, force=True)  # a resumed run starts where it was
+    else:
+        bar = ProgressCounter(f"{stage.name} epochs", epochs * per_epoch, enabled=config.progress and io.rank == 0,
+                              unit="step")
+        bar.update(epoch * per_epoch, force=True, epoch=f"{epoch + 1}/{epochs}")
+    bar_steps = by_steps or per_epoch is not None
+    shown: dict[str, Any] = {}  # the last epoch's loss and validation AUROC, kept on the bar between epochs
     try:
         stop_reason = None
         while (epochs is None or epoch < epochs) and (steps_budget is None or progress["steps"] < steps_budget):
@@ -238,6 +282,8 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                 epoch_steps += 1
                 if by_steps:
                     bar.update(1)
+                elif bar_steps and epoch_steps <= per_epoch:
+                    bar.update(1, **{**shown, "epoch": f"{epoch + 1}/{epochs}"})
                 for key, value in ctx.logged.items():
                     sums[key] = sums.get(key, 0.0) + value * local
                 seen += local
@@ -253,17 +299,15 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                 if val is not None:
                     metrics.update(validate(model, val))
             score = metrics.get("val_image_auroc", math.nan)
-            improved = not math.isnan(score) and score > progress["best"]
-            if improved:
-                progress.update(best=score, best_epoch=epoch, stale=0)
+            keep, improved = _consider(progress, metrics, epoch + 1)
+            if keep:
                 best_state = _cpu_state(model)
-            else:
-                progress["stale"] += 1
+            progress["stale"] = 0 if improved else progress["stale"] + 1
             progress["epoch"] = epoch
             progress["history"].append(metrics)
             elapsed = float(distributed.all_reduce_max(torch.tensor([time.monotonic() - clock["start"]])))
             if not math.isnan(score):
-                _record_point(progress, metrics, epoch, elapsed)
+                _record_point(progress, metrics, epoch + 1, elapsed)
             if is_main and config.patience is not None and stage.validate and progress["stale"] >= config.patience:
                 stop_reason = "patience"
             if config.max_minutes is not None and elapsed >= 60 * config.max_minutes:
@@ -273,12 +317,22 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
             progress["stage_done"] = last
             if last and best_state is not None:
                 model.load_state_dict(best_state)  # later stages and the saved model use the best epoch
+            if last and is_main:
+                reason = stop_reason or ("max_steps" if steps_budget is not None and progress["steps"] >= steps_budget
+                                         else "max_epochs")
+                progress["kept"] = _kept_summary(progress, reason, {
+                    "max_minutes": config.max_minutes, "patience": config.patience, "epochs": epochs,
+                    "steps": steps_budget})
             metrics.update(best_val_image_auroc=progress["best"], best_epoch=progress["best_epoch"],
                            stopped=stop_reason is not None)
-            shown = {"loss": metrics.get("train_loss")}
-            if not math.isnan(score):
-                shown["val_auroc"] = score
-            bar.update(0 if by_steps else 1, force=True, **{k: v for k, v in shown.items() if v is not None})
+            shown = {k: v for k, v in (("loss", metrics.get("train_loss")), ("val_auroc", score))
+                     if v is not None and not (isinstance(v, float) and math.isnan(v))}
+            if bar_steps and not by_steps:
+                shown["epoch"] = f"{epoch + 1}/{epochs}"
+                advance = max(0, (epoch + 1) * per_epoch - bar.n)  # an epoch shorter than counted ends here
+            else:
+                advance = 0 if by_steps else 1
+            bar.update(advance, force=True, **shown)
             _checkpoint(model, io, progress, metrics, specs, None if last else best_state)
             if last:
                 break
@@ -299,10 +353,9 @@ def _validation_point(model, stage: Optimize, io: WorkerIO, worker_batch: int, p
     if val is None:
         return best_state
     metrics = validate(model, val)
-    _record_point(progress, metrics, epoch, elapsed)
-    score = metrics.get("val_image_auroc", math.nan)
-    if not math.isnan(score) and score > progress["best"]:
-        progress.update(best=score, best_epoch=epoch)
+    _record_point(progress, metrics, epoch + 1, elapsed)
+    keep, _ = _consider(progress, metrics, epoch + 1)
+    if keep:
         best_state = _cpu_state(model)
     model.eval()  # back to training: frozen parts in eval mode, the stage's modules in train mode
     for module in stage.modules.values():
@@ -366,7 +419,7 @@ def _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, 
     images = float(totals[-1])
     means = {k: float(totals[i] / max(images, 1)) for i, k in enumerate(keys)}
     train_loss = means.get("loss", sum(v for k, v in means.items() if k.startswith("loss_")))
-    return {"stage": stage.name, "epoch": epoch, "train_loss": train_loss, **{f"train_{k}": v for k, v in means.items()
+    return {"stage": stage.name, "epoch": epoch + 1, "train_loss": train_loss, **{f"train_{k}": v for k, v in means.items()
                                                                             if k != "loss"},
             "train_images_per_second": images / train_seconds,
             "train_images_per_second_per_worker": images / train_seconds / io.world_size,
@@ -399,6 +452,7 @@ def _final_report(model, recipe, io: WorkerIO, progress, clock) -> dict[str, Any
         best = progress.get("main_best") or progress  # a later stage (calibrate, upsampling) starts its own
         metrics.update(best_epoch=best["best_epoch"], best_val_image_auroc=best["best"],
                        epochs=len(progress["history"]))
+        metrics.update(progress.get("kept") or {})  # which epoch/step was kept, by what, why training stopped
     directory = None
     if io.rank == 0:
         directory = tempfile.mkdtemp(prefix="raylib_ad_final_")

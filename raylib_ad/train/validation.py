@@ -32,7 +32,8 @@ def validate(model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, flo
                                              mode="area").flatten(1))
             rows.append(torch.cat([c.double().cpu() for c in columns], dim=1))
     every = distributed.all_gather_rows(torch.cat(rows)).numpy()
-    result = {"val_image_auroc": _safe_auroc(every[:, 0], every[:, 1]), "val_images": int(len(every))}
+    result = {"val_image_auroc": _safe_auroc(every[:, 0], every[:, 1]), "val_images": int(len(every)),
+              "val_anomalous": int((every[:, 0] > 0).sum())}
     if model.produces_maps:
         half = VALIDATION_MAP_SIZE**2
         result["val_pixel_auroc"] = _safe_auroc(every[:, 2 : 2 + half].ravel(), every[:, 2 + half :].ravel())

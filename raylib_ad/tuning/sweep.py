@@ -223,7 +223,7 @@ def _collect(trials: list[Trial], statuses: dict[str, dict[str, Any]], out: Path
             last = trial_dir(out, trial.key) / LAST_RESULT_FILE  # written by LastResult, in the driver
             status["metrics"] = {**json.loads(last.read_text()), **status["metrics"]} if last.is_file() else {}
             epochs = status["metrics"].get("epoch")
-            row["status"] = "stopped early (ASHA)" + (f" after epoch {int(epochs) + 1}" if epochs is not None else "")
+            row["status"] = "stopped early (ASHA)" + (f" after epoch {int(epochs)}" if epochs is not None else "")
             for key in ("val_image_auroc", "val_pixel_auroc"):
                 if key in status["metrics"]:
                     row[key] = status["metrics"][key]

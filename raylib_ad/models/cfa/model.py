@@ -94,6 +94,7 @@ class Cfa(AnomalyModel):
     defaults = {"gamma_c": 1, "gamma_d": 1, "num_nearest_neighbors": 3, "num_hard_negative_features": 3,
                 "radius": 1e-5, "lr": 1e-3}
     default_epochs = 30  # examples/configs/model/cfa.yaml (early stopping on pixel AUROC, patience 5)
+    default_patience = 5  # anomalib's EarlyStopping patience for CFA
     has_frozen_part = True
     needs_images_with_frozen = False
     test_preset = {"lr": 1e-4}  # tests/test_zoo.py: a tiny offline instance

@@ -84,6 +84,7 @@ class Cflow(AnomalyModel):
     defaults = {"fiber_batch_size": 64, "decoder": "freia-cflow", "condition_vector": 128,
                 "coupling_blocks": 8, "clamp_alpha": 1.9, "permute_soft": False, "lr": 1e-4}
     default_epochs = 50  # examples/configs/model/cflow.yaml (early stopping on pixel AUROC, patience 2)
+    default_patience = 2  # anomalib's EarlyStopping patience for C-Flow
     has_frozen_part = True  # the encoder is frozen: its features are cached
     needs_images_with_frozen = False
     test_preset = {"condition_vector": 8, "coupling_blocks": 2, "fiber_batch_size": 16}  # tests/test_zoo.py: a tiny offline instance

@@ -40,6 +40,44 @@ def _probe(backbone: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[float
             tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
 
 
+def module_layer(backbone: str, layer: str) -> tuple[int, int, int]:
+    """A layer given as any module path of the backbone's timm features net that is not one of its feature
+    layers (e.g. `blocks.5.8`, tf_efficientnet_b5's last 304-channel block at stride 32, the layer anomalib's
+    CS-Flow takes from torchvision's EfficientNet-B5 as `features.6.8`): (channels, stride, index of the
+    first feature layer whose forward runs it). Raises ConfigError naming the choices when it is neither."""
+    names = list(_probe(backbone)[0])
+    try:
+        return _module_geometry(backbone, layer)
+    except (AttributeError, KeyError) as err:
+        raise ConfigError(
+            f"layer '{layer}' is not a feature layer of backbone '{backbone}' nor a module of it; choose from "
+            f"{names}, or give a module path of timm's '{backbone}' (a block, e.g. 'blocks.5.8')"
+        ) from err
+
+
+@functools.lru_cache(maxsize=64)
+def _module_geometry(backbone: str, layer: str) -> tuple[int, int, int]:
+    model = timm.create_model(backbone, pretrained=False, features_only=True).eval()
+    module = model.get_submodule(layer)  # AttributeError when there is no such module
+    names = model.feature_info.module_name()
+    order = [name for name, _ in model.named_modules()]
+    position = order.index(layer)
+    covering = next((i for i, f in enumerate(names)
+                     if layer == f or layer.startswith(f + ".") or order.index(f) > position), None)
+    if covering is None:
+        raise KeyError(layer)
+    seen = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.setdefault("out", out))
+    side = 256
+    with torch.no_grad():
+        model(torch.zeros(1, 3, side, side))
+    handle.remove()
+    out = seen.get("out")
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        raise KeyError(layer)  # not a module with a (B, C, h, w) output
+    return int(out.shape[1]), int(round(side / out.shape[-1])), covering
+
+
 class FeatureExtractor(nn.Module):
     """Returns {layer_name: feature map} for the requested layers.
 
@@ -59,13 +97,13 @@ class FeatureExtractor(nn.Module):
         self.backbone = backbone
         self.layers = list(layers)
         names = list(_probe(backbone)[0])
-        unknown = [layer for layer in self.layers if layer not in names]
-        if unknown or not self.layers:
-            raise ConfigError(
-                f"layers {unknown or self.layers} are not feature layers of backbone '{backbone}'; "
-                f"choose from {names}"
-            )
-        out_indices = tuple(names.index(layer) for layer in self.layers)
+        if not self.layers:
+            raise ConfigError(f"no layers given for backbone '{backbone}'; choose from {names}")
+        # Layers that are not timm feature layers but modules of the net (module_layer) are read with a
+        # forward hook during the pass that runs to the first feature layer covering them.
+        self.hooked = {layer: module_layer(backbone, layer) for layer in self.layers if layer not in names}
+        out_indices = tuple(sorted({names.index(layer) for layer in self.layers if layer not in self.hooked}
+                                   | {geometry[2] for geometry in self.hooked.values()}))
         kwargs = dict(features_only=True, out_indices=out_indices)
         if pretrained:
             path = resolve_weights(backbone, weights)
@@ -73,8 +111,12 @@ class FeatureExtractor(nn.Module):
         self.model = timm.create_model(backbone, **kwargs)
         self._truncate_after(max(out_indices))
         info = self.model.feature_info
-        self.channels = dict(zip(self.layers, info.channels()))
-        self.strides = dict(zip(self.layers, info.reduction()))
+        self.out_layers = [names[i] for i in out_indices]  # what the timm net returns, in order
+        channels, strides = dict(zip(self.out_layers, info.channels())), dict(zip(self.out_layers, info.reduction()))
+        for layer, (c, stride, _) in self.hooked.items():
+            channels[layer], strides[layer] = c, stride
+        self.channels = {layer: channels[layer] for layer in self.layers}
+        self.strides = {layer: strides[layer] for layer in self.layers}
         cfg = self.model.pretrained_cfg
         self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
@@ -114,22 +156,38 @@ class FeatureExtractor(nn.Module):
     def __getstate__(self):
         return {**self.__dict__, "_folded": None}  # a derived copy: rebuilt on first use, never pickled
 
+    def _run(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+        """The requested layers' maps, in the order of self.layers: the timm net's outputs, and the hooked
+        module layers' outputs from the same pass (hooks on `model`, which may be the folded copy)."""
+        if not self.hooked:
+            return list(model(images))
+        seen: dict[str, torch.Tensor] = {}
+        handles = [model.get_submodule(layer).register_forward_hook(
+            lambda _m, _i, out, layer=layer: seen.__setitem__(layer, out)) for layer in self.hooked]
+        try:
+            outputs = dict(zip(self.out_layers, model(images)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        outputs.update(seen)
+        return [outputs[layer] for layer in self.layers]
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
         if self.trainable:
-            return dict(zip(self.layers, self.model(images)))
+            return dict(zip(self.layers, self._run(self.model, images)))
         with torch.no_grad():
             if torch.jit.is_tracing() or torch.compiler.is_compiling():
                 # A traced graph (ONNX export) keeps the backbone's own weights and one pass over any batch.
-                return dict(zip(self.layers, self.model(images)))
+                return dict(zip(self.layers, self._run(self.model, images)))
             model = self._inference_model(images)
             chunk = len(images)
             if images.device.type == "cpu" and images.dim() == 4:
                 chunk = max(1, self.cpu_chunk_pixels // (images.shape[-1] * images.shape[-2]))
             if chunk >= len(images):
-                features = model(images)
+                features = self._run(model, images)
             else:
-                parts = [model(images[i : i + chunk]) for i in range(0, len(images), chunk)]
+                parts = [self._run(model, images[i : i + chunk]) for i in range(0, len(images), chunk)]
                 features = [torch.cat(maps) for maps in zip(*parts)]
         return dict(zip(self.layers, features))
 
@@ -155,7 +213,7 @@ class FeatureExtractor(nn.Module):
             folded = _fold_batch_norms(self.model)
             if folded is not None:
                 probe = images[:1]
-                ref, out = self.model(probe), folded(probe)
+                ref, out = self._run(self.model, probe), self._run(folded, probe)
                 if all(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6)
                        for a, b in zip(ref, out)):
                     model = folded

@@ -32,12 +32,20 @@ def check_layers(model: str, backbone: str | None, layers: Sequence[str] | None,
     names the backbone, the layers, the backbone's feature layers and what `model` needs."""
     if backbone is None or not layers:
         return
+    from .feature_extractor import module_layer
+
     names, strides = feature_layers(backbone)  # ConfigError for an unknown backbone
-    unknown = [layer for layer in layers if layer not in names]
+    unknown = []
+    for layer in layers:
+        if layer not in names:
+            try:
+                module_layer(backbone, layer)  # any module of the net, e.g. blocks.5.8, is a layer too
+            except ConfigError:
+                unknown.append(layer)
     if unknown:
         available = ", ".join(f"{n} (stride {s})" for n, s in zip(names, strides))
         raise ConfigError(f"{model}: layers {unknown} are not feature layers of backbone '{backbone}' "
-                          f"(available: {available}); {model} needs {need}")
+                          f"(available: {available}) nor modules of it (e.g. 'blocks.5.8'); {model} needs {need}")
 
 
 def feature_side(image_size: int, stride: int) -> int:

@@ -10,11 +10,12 @@ Follows anomalib's PerlinAnomalyGenerator (data/utils/generators/perlin.py) in w
   drawn per image from `blend`, and applied to each image with probability `probability`.
 
 Where the texture comes from:
-- `texture_dir`: any folder of images (anomalib downloads DTD for DRAEM; any folder works here);
+- `texture_dir`: any folder of images (DRAEM's default is anomalib's: DTD, from the asset cache,
+  raylib_ad/assets.py; any folder works here);
 - "self": textures made from the batch itself: another image of the batch, cut into a grid of patches
   shuffled per image and recoloured (a channel permutation plus the augmentations). No download, and
-  the textures have the statistics of the domain, which keeps the task from being trivially solvable
-  by colour alone;
+  the textures have the statistics of the domain, but not anomalib's method (DRAEM's named fallback
+  `image_as_texture=true`);
 - "noise": the Perlin field itself as a grey texture (anomalib's generator without a source folder, which
   DSR's third phase uses).
 

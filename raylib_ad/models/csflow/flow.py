@@ -70,7 +70,7 @@ class ParallelCoupling(nn.Module):
         outputs = [torch.cat(pair, dim=1).clamp(-1e6, 1e6) for pair in zip(new_firsts, new_seconds)]
         # Per-sample log|det J| summed over the scales. anomalib also sums it over the batch (every sample's
         # loss then carries the whole batch's Jacobian term, so the loss depends on the batch size and on how
-        # DDP splits it). Measured on Magnetic Tile's validation images (jobs/csflow_probe.py,
+        # DDP splits it); Csflow.loss does that by default (log_jac_reduction="batch_sum"). Measured on Magnetic Tile's validation images (jobs/csflow_probe.py,
         # docs/benchmarks.md): with anomalib's sum the loss falls faster but validation AUROC stays at chance
         # after 60 steps of 16 (0.56; hidden width 256), against 0.65 per sample at the same learning rate.
         log_jac = sum(a.sum(dim=(1, 2, 3)) + b.sum(dim=(1, 2, 3)) for a, b in zip(log_s1, log_s2))

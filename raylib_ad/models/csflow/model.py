@@ -36,9 +36,15 @@ class Csflow(AnomalyModel):
     default_layers = ("layer4",)  # ResNet name for stride 32, translated per backbone
     # anomalib's defaults. lr is a setting here (anomalib hard-codes Adam(lr=2e-4, eps=1e-4,
     # weight_decay=1e-5, betas=(0.5, 0.9))) so that sweeps can search it.
+    # log_jac_reduction: "batch_sum" is anomalib's CsFlowLoss (its coupling layers return log|det J| summed
+    # over the batch and the scales, so the loss is mean(0.5 ||z||^2) - sum_batch(log|det J|), over the latent
+    # size); "per_sample" is this project's earlier loss (the batch mean of 0.5 ||z||^2 - log|det J|), which
+    # trained better in a short budget (docs/benchmarks.md), kept as a setting.
     defaults = {"cross_conv_hidden_channels": 1024, "n_coupling_blocks": 4, "clamp": 3, "num_channels": 3,
-                "lr": 2e-4}
+                "lr": 2e-4, "log_jac_reduction": "batch_sum"}
+    settings_added_later = {"log_jac_reduction": "per_sample"}
     default_epochs = 240  # examples/configs/model/csflow.yaml (early stopping on pixel AUROC, patience 3)
+    default_patience = 3  # anomalib's EarlyStopping patience for CS-Flow
     gradient_clip_val = 1.0  # anomalib's trainer argument gradient_clip_val=1 (norm)
     has_frozen_part = True
     needs_images_with_frozen = False
@@ -63,6 +69,8 @@ class Csflow(AnomalyModel):
         self._check_setting("clamp", is_number(s["clamp"], 0), "a number >= 0 (0: no soft clamping)")
         self._check_setting("num_channels", s["num_channels"] == 3, "3 (images are decoded as RGB)")
         self._check_setting("lr", is_number(s["lr"], 0, low_open=True), "a number > 0")
+        self._check_setting("log_jac_reduction", s["log_jac_reduction"] in ("batch_sum", "per_sample"),
+                            "'batch_sum' (anomalib's) or 'per_sample'")
         layer = self.layers[0]
         stride = self.feature_extractor.strides[layer]
         sides = [feature_side(self.image_size // 2**i, stride) for i in range(N_SCALES)]
@@ -95,7 +103,7 @@ class Csflow(AnomalyModel):
                 ) -> dict[str, torch.Tensor] | AnomalyOutput:
         z, log_jac = self.latents(images, frozen)
         if self.training:
-            return {"loss": self.loss(z, log_jac)}
+            return {"loss": self.loss(z, log_jac, self.settings["log_jac_reduction"])}
         flat = torch.cat([zi.flatten(1) for zi in z], dim=1)
         score = (flat.pow(2) / 2).mean(dim=1)  # anomalib: the image score is mean(z^2 / 2) over all latents
         anomaly_map = torch.ones(flat.shape[0], 1, self.image_size, self.image_size, device=flat.device)
@@ -105,10 +113,20 @@ class Csflow(AnomalyModel):
         return AnomalyOutput(score=score, anomaly_map=anomaly_map[:, 0])
 
     @staticmethod
-    def loss(z: list[torch.Tensor], log_jac: torch.Tensor) -> torch.Tensor:
-        """anomalib's CsFlowLoss: batch mean of 0.5 * ||z||^2 - log|det J|, divided by the latent size."""
+    def loss(z: list[torch.Tensor], log_jac: torch.Tensor, log_jac_reduction: str = "batch_sum") -> torch.Tensor:
+        """"batch_sum", anomalib's CsFlowLoss: (batch mean of 0.5 * ||z||^2 - batch SUM of log|det J|) / latent
+        size. "per_sample": the batch mean of (0.5 * ||z||^2 - log|det J|) / latent size.
+
+        Under DDP the runner averages per-sample-mean losses weighted by each worker's share, so "batch_sum" is
+        written as the batch mean of (0.5 ||z_i||^2 - B * log|det J_i|) with B the global batch (this worker's
+        batch x the world size): anomalib's loss in one process, and N workers x b step as one worker x N*b."""
         flat = torch.cat([zi.flatten(1) for zi in z], dim=1)
-        return (0.5 * flat.pow(2).sum(dim=1) - log_jac).mean() / flat.shape[1]
+        if log_jac_reduction == "per_sample":
+            return (0.5 * flat.pow(2).sum(dim=1) - log_jac).mean() / flat.shape[1]
+        from ... import distributed
+
+        global_batch = flat.shape[0] * distributed.world_size()
+        return (0.5 * flat.pow(2).sum(dim=1) - global_batch * log_jac).mean() / flat.shape[1]
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         # Fused Adam (components/fast_flow.py): ~1 s less per step over the flow's ~290 M parameters.
@@ -126,4 +144,4 @@ class Csflow(AnomalyModel):
 
     def train_step(self, ctx: StepContext) -> None:
         z, log_jac = self.latents(ctx.batch.get("image"), ctx.batch.get("frozen"), flow=ctx.modules["flow"])
-        ctx.optimize("main", self.loss(z, log_jac))
+        ctx.optimize("main", self.loss(z, log_jac, self.settings["log_jac_reduction"]))

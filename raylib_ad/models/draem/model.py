@@ -5,7 +5,11 @@ Training pastes synthetic anomalies (Perlin-noise masks filled with foreign text
 a reconstructive network learns to restore the clean image and a discriminative network, looking at the
 image and its restoration side by side, learns to segment what was pasted. At test time the
 discriminative network's anomalous-class probability is the anomaly map and its maximum the score.
-No pretrained backbone: nothing is downloaded, nothing is asked for.
+No pretrained backbone. The anomaly textures are anomalib's: the Describable Textures Dataset (DTD),
+downloaded into the asset cache on the driver before any worker starts (raylib_ad/assets.py, asset "dtd";
+offline and absent, an error names the file, its address and the fallback). `dtd_dir=FOLDER` takes any
+folder of textures instead; the fallback `image_as_texture=true` pastes a shuffled, recoloured copy of a
+training image (components/synthetic_anomaly.py, "self"), which needs no download but is not anomalib's method.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from ..components.synthetic_anomaly import SyntheticAnomalyGenerator
 from ..recipe import Optimize, OptimizerSpec, Stage
 from .losses import focal_loss
 from .networks import DiscriminativeNetwork, ReconstructiveNetwork
+
+DTD_ASSET = "dtd"  # raylib_ad/assets.py
 
 
 def _number_in(value, low: float, high: float = math.inf, *, low_open: bool = False) -> bool:
@@ -49,14 +55,16 @@ class Draem(AnomalyModel):
     input_mean = (0.0, 0.0, 0.0)
     input_std = (1.0, 1.0, 1.0)
     default_epochs = 700  # anomalib examples/configs/model/draem.yaml: max_epochs 700
-    # anomalib: enable_sspcab=False, sspcab_lambda=0.1, beta=(0.1, 1.0), dtd_dir (here: any folder, or None
-    # for textures cut from the training images), Adam lr 1e-4, MultiStepLR(milestones=[400, 600],
-    # gamma=0.1) per epoch; sub-network widths 128 (reconstructive) and 64 (discriminative).
+    default_patience = 20  # anomalib's EarlyStopping patience for DRAEM (examples/configs/model/draem.yaml)
+    # anomalib: enable_sspcab=False, sspcab_lambda=0.1, beta=(0.1, 1.0), dtd_dir (None: DTD, downloaded;
+    # or any folder), Adam lr 1e-4, MultiStepLR(milestones=[400, 600], gamma=0.1) per epoch; sub-network
+    # widths 128 (reconstructive) and 64 (discriminative).
     defaults = {
         "enable_sspcab": False,
         "sspcab_lambda": 0.1,
         "beta": [0.1, 1.0],
-        "dtd_dir": None,
+        "dtd_dir": None,  # None: anomalib's DTD from the asset cache (downloaded when absent)
+        "image_as_texture": False,  # fallback: textures cut from the training images (not anomalib's)
         "anomaly_probability": 0.5,  # anomalib's PerlinAnomalyGenerator probability
         "lr": 1e-4,
         "milestones": [400, 600],
@@ -65,7 +73,8 @@ class Draem(AnomalyModel):
         "discriminative_base_width": 64,
     }
     gradient_clip_val = None  # anomalib: gradient_clip_val=0
-    test_preset = {"reconstructive_base_width": 4, "discriminative_base_width": 4}  # tests/test_zoo.py: a tiny offline instance
+    test_preset = {"reconstructive_base_width": 4, "discriminative_base_width": 4,  # tests/test_zoo.py: a tiny offline instance
+                   "image_as_texture": True}
     search_space = {
         "lr": {"loguniform": [3e-5, 3e-4]},
         "enable_sspcab": {"choice": [False, True]},
@@ -84,8 +93,13 @@ class Draem(AnomalyModel):
         beta_ok = (_number_in(beta, 0, 1) if not isinstance(beta, (list, tuple)) else
                    len(beta) == 2 and all(_number_in(b, 0, 1) for b in beta) and beta[0] <= beta[1])
         self._check_setting("beta", beta_ok, "a number in [0, 1] or [low, high] with 0 <= low <= high <= 1")
-        self._check_setting("dtd_dir", s["dtd_dir"] is None or isinstance(s["dtd_dir"], str),
-                            "a folder of texture images, or null for textures from the training images")
+        self._check_setting("dtd_dir", s["dtd_dir"] is None or (isinstance(s["dtd_dir"], str) and s["dtd_dir"] != ""),
+                            "a folder of texture images, or null for DTD (anomalib's, downloaded)")
+        self._check_setting("image_as_texture", isinstance(s["image_as_texture"], bool),
+                            "true (fallback: textures cut from the training images, not DTD) or false")
+        if s["image_as_texture"] and s["dtd_dir"]:
+            raise ConfigError(f"{self.name}: image_as_texture=true and dtd_dir={s['dtd_dir']!r} contradict each "
+                              f"other; drop one of them")
         self._check_setting("anomaly_probability", _number_in(s["anomaly_probability"], 0, 1), "a number in [0, 1]")
         self._check_setting("lr", _number_in(s["lr"], 0, low_open=True), "a number > 0")
         self._check_setting("milestones", isinstance(s["milestones"], (list, tuple))
@@ -118,13 +132,29 @@ class Draem(AnomalyModel):
         return AnomalyOutput(score=anomaly_map.amax(dim=(-2, -1)), anomaly_map=anomaly_map)
 
     # -- training ----------------------------------------------------------------------------------
+    @classmethod
+    def required_assets(cls, settings: dict, *, pretrained: bool = True, weights: str | None = None) -> list[str]:
+        """The files anomalib downloads that these settings need (raylib_ad/assets.py; fetched on the driver)."""
+        return [] if settings["image_as_texture"] or settings["dtd_dir"] else [DTD_ASSET]
+
+    def texture_source(self) -> str:
+        """The anomaly source: dtd_dir, else DTD's images from the asset cache (downloaded when absent), or
+        "self" with image_as_texture."""
+        if self.settings["image_as_texture"]:
+            return "self"
+        if self.settings["dtd_dir"]:
+            return self.settings["dtd_dir"]
+        from ...assets import fetch_asset
+
+        return str(fetch_asset(DTD_ASSET))
+
     def augmenter(self) -> SyntheticAnomalyGenerator:
         """Built on first use (on the worker), not in __init__: a model directory read for serving must not
         need the texture folder it was trained with."""
         if self._augmenter is None:
             beta = self.settings["beta"]
             self._augmenter = SyntheticAnomalyGenerator(
-                self.settings["dtd_dir"] or "self", probability=self.settings["anomaly_probability"],
+                self.texture_source(), probability=self.settings["anomaly_probability"],
                 blend=tuple(beta) if isinstance(beta, (list, tuple)) else float(beta), setting="dtd_dir")
         return self._augmenter
 

@@ -8,14 +8,17 @@ and an anomaly detection module compares it with the general decoder's rendering
 upsampling module, trained last on image-space anomalies, refines the map to full resolution.
 
 Training (anomalib's phases as stages):
-  latent   (our addition, only without a pretrained latent model) train the VQ-VAE on the training images
+  latent   (our addition, only with category_trained_vq_model) train the VQ-VAE on the training images
   main     restriction modules, object-specific decoder, detection module; Adam 2e-4, StepLR at 80%
   upsample the upsampling module on Perlin anomalies; Adam 2e-4
-anomalib downloads a latent model pretrained on ImageNet. Nothing is downloaded here: the file is used
-when the user gives it (`weights=PATH`, or $RAYLIB_AD_WEIGHTS_DIR/dsr_vq_model.{safetensors,pth,pt}); without
-it the latent model is trained on the category's own normal images first, which needs no network and
-gives codes specific to the category (the ImageNet codebook is general; ours only has to describe
-this category's normal appearance, which the restriction modules then enforce).
+The latent model is anomalib's, pretrained on ImageNet (the default), in order of preference:
+`weights=PATH`, $RAYLIB_AD_WEIGHTS_DIR/dsr_vq_model.{safetensors,pth,pt}, the asset cache, where anomalib's
+file is downloaded from anomalib's address on the driver before any worker starts (raylib_ad/assets.py,
+asset "dsr_vq_model"; offline and absent, an error names the file, its address and the fallback).
+Fallback `category_trained_vq_model=true`: the latent model is trained on the category's own normal images
+first (stage "latent"), which needs no download but is not anomalib's method (its codes are specific to
+the category; the ImageNet codebook is general). With pretrained=False (read_model, tests) no file is read:
+a model trained that way trains its latent model too.
 """
 
 from __future__ import annotations
@@ -52,9 +55,26 @@ def _number_in(value, low: float, high: float) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= high
 
 
-def find_latent_weights(weights: str | None) -> str | None:
+VQ_ASSET = "dsr_vq_model"  # raylib_ad/assets.py
+
+
+def local_latent_weights() -> str | None:
+    """$RAYLIB_AD_WEIGHTS_DIR/dsr_vq_model.*, if there."""
+    directory = os.environ.get("RAYLIB_AD_WEIGHTS_DIR")
+    for suffix in _SUFFIXES if directory else ():
+        candidate = Path(directory) / f"{WEIGHTS_NAME}{suffix}"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def find_latent_weights(weights: str | None, category_trained: bool = False) -> str | None:
     """The pretrained latent-model file: `weights` (must exist: it was asked for), else
-    $RAYLIB_AD_WEIGHTS_DIR/dsr_vq_model.*, else None (the recipe then trains the latent model)."""
+    $RAYLIB_AD_WEIGHTS_DIR/dsr_vq_model.*, else anomalib's from the asset cache (downloaded when absent);
+    None with `category_trained` (the recipe then trains the latent model)."""
+    if weights and category_trained:
+        raise ConfigError(f"dsr: category_trained_vq_model=true asks for a latent model trained on the category, "
+                          f"but a latent model file is given ({weights}); drop one of them")
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -63,15 +83,18 @@ def find_latent_weights(weights: str | None) -> str | None:
                 f"  - pass an existing file: weights=PATH (--weights PATH), a state dict of DSR's discrete latent "
                 f"model, e.g. anomalib's vq_model_pretrained_128_4096.pckl;\n"
                 f"  - put it at $RAYLIB_AD_WEIGHTS_DIR/{WEIGHTS_NAME}.pth;\n"
-                f"  - give no weights: the latent model is then trained on the training images first "
-                f"(stage 'latent', --set vq_epochs=N).")
+                f"  - give no weights: anomalib's ImageNet latent model is then used (downloaded);\n"
+                f"  - or --set category_trained_vq_model=true: the latent model is trained on the training images "
+                f"first (stage 'latent', --set vq_epochs=N), not anomalib's method.")
         return str(path)
-    directory = os.environ.get("RAYLIB_AD_WEIGHTS_DIR")
-    for suffix in _SUFFIXES if directory else ():
-        candidate = Path(directory) / f"{WEIGHTS_NAME}{suffix}"
-        if candidate.is_file():
-            return str(candidate)
-    return None
+    if category_trained:
+        return None
+    local = local_latent_weights()
+    if local is not None:
+        return local
+    from ...assets import fetch_asset
+
+    return str(fetch_asset(VQ_ASSET))
 
 
 @register_model
@@ -94,14 +117,16 @@ class Dsr(AnomalyModel):
         "num_residual_layers": 2,
         "num_residual_hiddens": 64,
         "base_width": 64,
-        # Our addition: training the latent model when no pretrained one is given (VQ-VAE-2's recipe:
-        # Adam 3e-4, commitment cost 0.25, codebook moving-average decay 0.99).
+        # Fallback (not anomalib's method): train the latent model on the category instead of anomalib's
+        # ImageNet one, with VQ-VAE-2's recipe (Adam 3e-4, commitment cost 0.25, moving-average decay 0.99).
+        "category_trained_vq_model": False,
         "vq_epochs": 100,
         "vq_lr": 3e-4,
         "commitment_cost": 0.25,
         "vq_decay": 0.99,
     }
-    test_preset = {"embedding_dim": 8, "num_embeddings": 32, "num_hiddens": 8, "num_residual_hiddens": 4, "base_width": 4}  # tests/test_zoo.py: a tiny offline instance
+    test_preset = {"embedding_dim": 8, "num_embeddings": 32, "num_hiddens": 8, "num_residual_hiddens": 4, "base_width": 4,  # tests/test_zoo.py: a tiny offline instance
+                   "category_trained_vq_model": True}
     search_space = {
         "latent_anomaly_strength": {"uniform": [0.1, 0.4]},
         "upsampling_train_ratio": {"uniform": [0.5, 0.8]},
@@ -126,6 +151,8 @@ class Dsr(AnomalyModel):
         self._check_setting("num_embeddings", _positive_int(s["num_embeddings"]) and s["num_embeddings"] >= 2,
                             "an integer >= 2")
         self._check_setting("vq_epochs", isinstance(s["vq_epochs"], int) and s["vq_epochs"] >= 0, "an integer >= 0")
+        self._check_setting("category_trained_vq_model", isinstance(s["category_trained_vq_model"], bool),
+                            "true (fallback: train the VQ model on the category, not anomalib's) or false")
         self._check_setting("commitment_cost", _number_in(s["commitment_cost"], 0, math.inf), "a number >= 0")
         self._check_setting("vq_decay", _number_in(s["vq_decay"], 0, 1) and s["vq_decay"] < 1, "a number in [0, 1)")
         arch = (s["num_hiddens"], s["num_residual_layers"], s["num_residual_hiddens"])
@@ -141,11 +168,18 @@ class Dsr(AnomalyModel):
         self.latent_from_file: str | None = None
         self._perlin: SyntheticAnomalyGenerator | None = None  # phase-3 augmentation, built on first use
         if self.pretrained:
-            path = find_latent_weights(self.weights)
+            path = find_latent_weights(self.weights, s["category_trained_vq_model"])
             if path is not None:
                 self.load_latent_model(path)
 
     # -- the pretrained latent model -----------------------------------------------------------------
+    @classmethod
+    def required_assets(cls, settings: dict, *, pretrained: bool = True, weights: str | None = None) -> list[str]:
+        """The files anomalib downloads that these settings need (raylib_ad/assets.py; fetched on the driver)."""
+        if not pretrained or weights or settings["category_trained_vq_model"] or local_latent_weights():
+            return []
+        return [VQ_ASSET]
+
     def load_latent_model(self, path: str) -> None:
         state = read_state_dict(path)
         state = state.get("state_dict", state)

@@ -9,8 +9,15 @@ student's second half learns the autoencoder's output. Anomaly map: the average 
 student-teacher map and the student-autoencoder map, each scaled by its 90 % and 99.5 % quantiles on
 normal images.
 
-Recipe: [distill (only without a teacher file)] -> collect teacher channel statistics ->
+Recipe: [distill (only with self_distilled_teacher)] -> collect teacher channel statistics ->
 optimize student + autoencoder -> calibrate map quantiles (see teacher.py for the teacher's sources).
+
+Defaults are anomalib's, with the files anomalib downloads (raylib_ad/assets.py; fetched on the driver
+before any worker starts, an error naming the file, its address and the fallback setting when offline):
+- the teacher: anomalib's pretrained PDN (small or medium). Fallback `self_distilled_teacher=true`: the
+  teacher is distilled first from `distill_backbone` on the training images (or `distill_dir`);
+- the penalty images: Imagenette with anomalib's 2x zoom crop (penalty.py). `penalty_dir=FOLDER` takes
+  other images through the same transform; fallback `no_penalty=true`: no penalty term.
 
 Batch size. anomalib trains with batch size 1 and refuses any other. Here the runner's --batch-size is
 the global batch, split over workers (each takes batch_size // N). Every loss term is a mean over
@@ -40,7 +47,11 @@ from ..base import AnomalyModel, AnomalyOutput, register_model
 from ..components.quantile import distributed_quantiles
 from ..recipe import Calibrate, Collect, ExtraStream, Optimize, OptimizerSpec, Stage, StepContext
 from .networks import MIN_IMAGE_SIZE, PDN, AutoEncoder
-from .teacher import DistillationTarget, anomalib_teacher_path, list_images, load_teacher, save_teacher
+from .penalty import PenaltyImages
+from .teacher import (TEACHER_ASSET, DistillationTarget, anomalib_teacher_path, list_images, load_teacher,
+                      local_anomalib_teacher, save_teacher)
+
+PENALTY_ASSET = "imagenette"  # raylib_ad/assets.py
 
 ANOMALIB_MAX_STEPS = 70000  # anomalib's trainer budget (examples/configs/model/efficient_ad.yaml)
 # The original pretraining script: Adam(lr 1e-4, weight decay 1e-5), 60000 steps of 16 images, target
@@ -124,15 +135,18 @@ class EfficientAd(AnomalyModel):
     defaults = {
         "model_size": "small", "teacher_out_channels": 384, "lr": 1e-4, "weight_decay": 1e-5,
         "padding": False, "pad_maps": True,
-        "penalty_dir": None,  # anomalib: Imagenette; without a folder the penalty term is off
-        "teacher": None,  # a teacher file saved earlier (teacher.py); also --weights
-        "distill_dir": None,  # images for the distillation stage; default: the training images
+        "penalty_dir": None,  # default: Imagenette (anomalib's, downloaded); or a folder of images
+        "no_penalty": False,  # fallback: no penalty term (not anomalib's method)
+        "teacher": None,  # a teacher file saved earlier (teacher.py); also --weights; default: anomalib's
+        "self_distilled_teacher": False,  # fallback: distil the teacher first (not anomalib's teacher)
+        "distill_dir": None,  # images to distil from (implies self_distilled_teacher); default: the training images
         "distill_backbone": "tf_efficientnet_lite0",
         "distill_steps": 60000,  # the original pretraining script's
         "distill_stats_steps": 625,  # 10000 images at 16 per step, as the original's statistics
         "distill_batch_size": 16,  # per worker, images drawn from distill_dir per step
     }
-    test_preset = {"teacher_out_channels": 8, "distill_steps": 2, "distill_stats_steps": 1}  # tests/test_zoo.py: a tiny offline instance
+    test_preset = {"teacher_out_channels": 8, "distill_steps": 2, "distill_stats_steps": 1,  # tests/test_zoo.py: a tiny offline instance
+                   "self_distilled_teacher": True, "no_penalty": True}
     search_space = {
         "lr": {"loguniform": [3e-5, 3e-4]},
         "model_size": {"choice": ["small", "medium"]},
@@ -148,12 +162,22 @@ class EfficientAd(AnomalyModel):
         self._check_setting("weight_decay", _number(s["weight_decay"], 0), "a number >= 0")
         for key in ("padding", "pad_maps"):
             self._check_setting(key, isinstance(s[key], bool), "true or false")
-        for key in ("penalty_dir", "teacher", "distill_dir"):
-            self._check_setting(key, _optional_path(s[key]), "a path or null")
+        self._check_setting("no_penalty", isinstance(s["no_penalty"], bool),
+                            "true (fallback: no penalty term, no Imagenette) or false")
+        self._check_setting("self_distilled_teacher", isinstance(s["self_distilled_teacher"], bool),
+                            "true (fallback: distil the teacher first, not anomalib's) or false")
+        self._check_setting("penalty_dir", _optional_path(s["penalty_dir"]),
+                            "a folder of images, or null for Imagenette (anomalib's, downloaded)")
+        self._check_setting("teacher", _optional_path(s["teacher"]),
+                            "a teacher file, or null for anomalib's pretrained teacher (downloaded)")
+        self._check_setting("distill_dir", _optional_path(s["distill_dir"]), "a path or null")
         self._check_setting("distill_backbone", isinstance(s["distill_backbone"], str), "a timm model name")
         self._check_setting("distill_steps", _integer(s["distill_steps"], 1), "an integer >= 1")
         self._check_setting("distill_stats_steps", _integer(s["distill_stats_steps"], 1), "an integer >= 1")
         self._check_setting("distill_batch_size", _integer(s["distill_batch_size"], 1), "an integer >= 1")
+        if s["no_penalty"] and s["penalty_dir"]:
+            raise ConfigError(f"{self.name}: no_penalty=true and penalty_dir={s['penalty_dir']!r} contradict each "
+                              f"other; drop one of them")
         if self.image_size < MIN_IMAGE_SIZE:
             raise ConfigError(f"{self.name}: image_size={self.image_size} is too small; the PDN's 33 x 33 "
                               f"receptive field needs image_size >= {MIN_IMAGE_SIZE}")
@@ -171,28 +195,57 @@ class EfficientAd(AnomalyModel):
         # Distillation target statistics (count, sum, sum of squares per channel, float64), summed over
         # workers at every statistics step so a checkpoint taken on rank 0 holds the global sums.
         self.register_buffer("distill_moments", torch.empty(0))
+        self._penalty: PenaltyImages | None = None  # the train stage's penalty images (on the worker)
         self.teacher_source = self._load_teacher() if self.pretrained else None
 
     # -- the teacher -----------------------------------------------------------------------------
     def _load_teacher(self) -> str | None:
-        """Load the teacher file if there is one; returns its path, or None (then distill)."""
+        """Load the teacher file (default: anomalib's, downloaded); returns its path, or None (distill)."""
         s = self.settings
         explicit = [p for p in (self.weights, s["teacher"]) if p]
         if len(set(explicit)) > 1:
             raise ConfigError(f"{self.name}: both --weights {self.weights!r} and teacher={s['teacher']!r} name a "
                               f"teacher file; give one")
-        if explicit and s["distill_dir"]:
-            raise ConfigError(f"{self.name}: distill_dir={s['distill_dir']!r} asks for a distillation, but a "
-                              f"teacher file is given ({explicit[0]}); drop one of them")
-        path = explicit[0] if explicit else (None if s["distill_dir"] else anomalib_teacher_path(s["model_size"]))
-        if path is None:
+        if explicit and self._self_distilled(s):
+            wish = "self_distilled_teacher=true" if s["self_distilled_teacher"] else f"distill_dir={s['distill_dir']!r}"
+            raise ConfigError(f"{self.name}: {wish} asks for a distillation, but a teacher file is given "
+                              f"({explicit[0]}); drop one of them")
+        if self._self_distilled(s):
             # Distillation ahead: fail now, not in a worker, if the backbone's weights cannot be had.
             from ..components.weights import resolve_weights
 
             resolve_weights(s["distill_backbone"])
             return None
+        path = explicit[0] if explicit else anomalib_teacher_path(s["model_size"])
         load_teacher(self.teacher, path, s["model_size"])
         return str(path)
+
+    @staticmethod
+    def _self_distilled(settings: dict) -> bool:
+        return bool(settings["self_distilled_teacher"] or settings["distill_dir"])
+
+    @classmethod
+    def required_assets(cls, settings: dict, *, pretrained: bool = True, weights: str | None = None) -> list[str]:
+        """The files anomalib downloads that these settings need (raylib_ad/assets.py; fetched on the driver)."""
+        needed = []
+        if (pretrained and not (weights or settings["teacher"]) and not cls._self_distilled(settings)
+                and local_anomalib_teacher(settings["model_size"]) is None):
+            needed.append(TEACHER_ASSET)
+        if not settings["no_penalty"] and not settings["penalty_dir"]:
+            needed.append(PENALTY_ASSET)
+        return needed
+
+    def penalty_paths(self) -> list[str]:
+        """The penalty image files: penalty_dir, else Imagenette from the asset cache (downloaded when absent);
+        none with no_penalty."""
+        s = self.settings
+        if s["no_penalty"]:
+            return []
+        if s["penalty_dir"]:
+            return list_images(s["penalty_dir"], "penalty_dir")
+        from ...assets import fetch_asset
+
+        return list_images(str(fetch_asset(PENALTY_ASSET)), "penalty_dir (Imagenette)")
 
     @property
     def distills(self) -> bool:
@@ -228,14 +281,13 @@ class EfficientAd(AnomalyModel):
         self._decay = _DecayAt(int(0.95 * ANOMALIB_MAX_STEPS))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._decay)
         # anomalib's penalty images: Imagenette resized to 2S, grayscale with p 0.3, center crop S (a 2x
-        # zoom). The stream decodes whole images at S; matching the zoom needs a crop option in ExtraStream.
-        streams = []
-        if self.settings["penalty_dir"]:
-            streams.append(ExtraStream("penalty", list_images(self.settings["penalty_dir"], "penalty_dir"), 1))
+        # zoom): read by the model itself (penalty.py), since the runner's ExtraStream decodes whole images.
+        paths = self.penalty_paths()
+        self._penalty = PenaltyImages(paths, self.image_size, self.seed) if paths else None
         return Optimize("train", modules={"student": self.student, "ae": self.ae},
                         optimizers=[OptimizerSpec("main", optimizer, scheduler, interval="step")],
                         step=self.train_step, epochs=self.default_epochs, steps=ANOMALIB_MAX_STEPS,
-                        loss_reduction="mean", extra_streams=streams, main=True,
+                        loss_reduction="mean", main=True,
                         frozen_features=lambda images: {"teacher": self.teacher_features(images)},
                         needs_images_with_frozen=True)
 
@@ -337,8 +389,11 @@ class EfficientAd(AnomalyModel):
             torch.manual_seed(seed)
             student_out = student(images)
             loss_hard = hard_feature_loss((teacher.float() - student_out[:, :c].float()) ** 2)
-            if "penalty" in ctx.extra:
-                penalty = torch.cat([next(ctx.extra["penalty"]) for _ in range(images.shape[0])])
+            if not self.settings["no_penalty"] and ("penalty" in ctx.extra or self._penalty is not None):
+                if "penalty" in ctx.extra:  # a stream of prepared images (a caller's, e.g. tests)
+                    penalty = torch.cat([next(ctx.extra["penalty"]) for _ in range(images.shape[0])])
+                else:
+                    penalty = self._penalty.take(images.shape[0], images.device).to(images.dtype)
                 penalty = random_grayscale(penalty, PENALTY_GRAYSCALE, ctx.generator)
                 loss_penalty = student(penalty)[:, :c].float().pow(2).mean()
             else:

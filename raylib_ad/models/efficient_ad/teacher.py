@@ -2,9 +2,12 @@
 
 Teacher files, in order of preference (only when the model is built with pretrained=True):
 1. `weights=PATH` (CLI --weights) or the setting `teacher=PATH`;
-2. $RAYLIB_AD_WEIGHTS_DIR/efficientad_pretrained_weights/pretrained_teacher_{small,medium}.pth, the
-   file names of anomalib's download (a PDN distilled from WideResNet-101 on ImageNet);
-3. none: the recipe starts with a distillation stage (model.py).
+2. anomalib's teacher (a PDN distilled from WideResNet-101 on ImageNet), the default:
+   $RAYLIB_AD_WEIGHTS_DIR/efficientad_pretrained_weights/pretrained_teacher_{small,medium}.pth (the file
+   names of anomalib's download) if there, else from the asset cache, downloaded from anomalib's address
+   when absent (raylib_ad/assets.py, asset "efficientad_teacher");
+3. with `self_distilled_teacher=true` (or a `distill_dir`), none: the recipe starts with a distillation
+   stage (model.py), a teacher that is not the published one.
 With pretrained=False (read_model, tests) no file is read: a loaded model's teacher comes from its
 weights.safetensors, and a model trained that way distills from a randomly initialised backbone.
 
@@ -36,15 +39,41 @@ from ..components.weights import read_state_dict
 
 ANOMALIB_WEIGHTS_FOLDER = "efficientad_pretrained_weights"
 TEACHER_FORMAT = "raylib_ad.efficient_ad.teacher/1"
+TEACHER_ASSET = "efficientad_teacher"  # raylib_ad/assets.py
 
 
-def anomalib_teacher_path(model_size: str) -> Path | None:
-    """anomalib's teacher file under $RAYLIB_AD_WEIGHTS_DIR, if it is there."""
+def _teacher_file(model_size: str) -> str:
+    return f"pretrained_teacher_{model_size}.pth"
+
+
+def local_anomalib_teacher(model_size: str) -> Path | None:
+    """anomalib's teacher file under $RAYLIB_AD_WEIGHTS_DIR or in the asset cache, without downloading."""
+    from ...assets import cached_path
+
     root = os.environ.get("RAYLIB_AD_WEIGHTS_DIR")
-    if not root:
-        return None
-    path = Path(root) / ANOMALIB_WEIGHTS_FOLDER / f"pretrained_teacher_{model_size}.pth"
-    return path if path.is_file() else None
+    candidates = [Path(root) / ANOMALIB_WEIGHTS_FOLDER] if root else []
+    cached = cached_path(TEACHER_ASSET)
+    if cached is not None:
+        candidates.append(cached)
+    for folder in candidates:
+        if (folder / _teacher_file(model_size)).is_file():
+            return folder / _teacher_file(model_size)
+    return None
+
+
+def anomalib_teacher_path(model_size: str) -> Path:
+    """anomalib's teacher file: found locally, else downloaded into the asset cache from anomalib's address
+    (AssetUnavailableError offline, naming the file, the address and self_distilled_teacher=true)."""
+    from ...assets import fetch_asset
+
+    local = local_anomalib_teacher(model_size)
+    if local is not None:
+        return local
+    path = fetch_asset(TEACHER_ASSET) / _teacher_file(model_size)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"EfficientAD teacher: {path.parent} (anomalib's download) holds no "
+                                      f"{path.name}")
+    return path
 
 
 def read_teacher_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from ..base import AnomalyModel, AnomalyOutput, register_model
 from ..components.blur import GaussianBlur2d
 from ..components.coreset import distributed_k_center_greedy, k_center_greedy
 from ..components.embedding import concat_layers, to_patches
-from ..components.nearest_neighbors import nearest_neighbors
+from ..components.sharded_bank import BankShard
 from ...progress import progress_bar
 
 
@@ -121,13 +121,30 @@ class PatchCore(AnomalyModel):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.memory_bank.numel() == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit() it or load a trained model first")
-        patches, (h, w) = self.embed(images)
+        patches, grid = self.embed(images)
+        return self.score_patches(patches, grid, self.bank_index())
+
+    def bank_index(self) -> BankShard:
+        """The whole memory bank as one searchable shard; its row norms are kept while the bank is unchanged."""
+        bank = self.memory_bank
+        key = (bank.data_ptr(), bank._version, tuple(bank.shape), bank.device)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # nothing cached into a traced graph
+            return BankShard(bank, query_chunk=int(self.settings["query_chunk"]))
+        cached = getattr(self, "_bank_index", None)
+        if cached is None or cached[0] != key or cached[1].query_chunk != int(self.settings["query_chunk"]):
+            cached = (key, BankShard(bank, query_chunk=int(self.settings["query_chunk"])))
+            self._bank_index = cached
+        return cached[1]
+
+    def score_patches(self, patches: torch.Tensor, grid: tuple[int, int], bank) -> AnomalyOutput:
+        """Scores and maps of (B, h*w, D) patch features against `bank`: this model's own (bank_index()) or
+        a ShardedBank over the same rows (components/sharded_bank.py), which gives the same answer."""
         batch, n_patches, _ = patches.shape
-        dist, idx = nearest_neighbors(patches.flatten(0, 1), self.memory_bank, k=1,
-                                      query_chunk=int(self.settings["query_chunk"]))
+        h, w = grid
+        dist, idx = bank.search(patches.flatten(0, 1), 1)
         patch_scores = dist[:, 0].view(batch, n_patches)
         locations = idx[:, 0].view(batch, n_patches)
-        score = self.reweighted_score(patch_scores, locations, patches)
+        score = self.reweighted_score(patch_scores, locations, patches, bank)
         return AnomalyOutput(score=score, anomaly_map=self.anomaly_map(patch_scores.view(batch, 1, h, w)))
 
     def anomaly_map(self, patch_scores: torch.Tensor) -> torch.Tensor:
@@ -137,7 +154,7 @@ class PatchCore(AnomalyModel):
         size = (self.image_size, self.image_size)
         return self.blur.upsample_and_blur(patch_scores, size, self.settings["upsample_mode"])[:, 0]
 
-    def reweighted_score(self, patch_scores, locations, patches) -> torch.Tensor:
+    def reweighted_score(self, patch_scores, locations, patches, bank=None) -> torch.Tensor:
         """Paper eq. 7: damp the max patch distance when its nearest bank entry sits in a dense region."""
         k = int(self.settings["num_neighbors"])
         rows = torch.arange(patch_scores.shape[0], device=patch_scores.device)
@@ -145,10 +162,10 @@ class PatchCore(AnomalyModel):
         score = patch_scores[rows, worst]
         if k == 1:
             return score
+        bank = self.bank_index() if bank is None else bank
         worst_features = patches[rows, worst]  # (B, D)
-        nn_sample = self.memory_bank[locations[rows, worst]]  # (B, D)
-        _, support = nearest_neighbors(nn_sample, self.memory_bank, k=min(k, self.memory_bank.shape[0]))
-        support_dist = torch.linalg.norm(worst_features.unsqueeze(1) - self.memory_bank[support], dim=-1)
+        nn_sample = bank.rows(locations[rows, worst])  # (B, D)
+        _, support = bank.search(nn_sample, min(k, len(bank)))
+        support_dist = torch.linalg.norm(worst_features.unsqueeze(1) - bank.rows(support).to(worst_features), dim=-1)
         weights = 1 - torch.softmax(support_dist, dim=1)[:, 0]
         return weights * score
-

@@ -101,9 +101,15 @@ class Uflow(AnomalyModel):
     default_layers = ("layer1", "layer2", "layer3")
     # anomalib's defaults. lr is a setting here (anomalib hard-codes Adam(lr=1e-3, weight_decay=1e-5)).
     # anomaly_map_mode is this project's: "likelihood" (anomalib's map) or "nfa" (-log10 NFA, threshold 0).
+    # loss_z_reduction: "batch_sum" is anomalib's UFlowLoss (the 0.5 ||z||^2 term summed over levels AND the
+    # batch, minus the batch mean of log|det J|: the z-term weighs B times the log-det); "per_sample" is
+    # this project's earlier loss (both terms averaged per sample), kept as a setting.
     defaults = {"flow_steps": 4, "permute_soft": False, "affine_clamp": 2.0, "affine_subnet_channels_ratio": 1.0,
-                "lr": 1e-3, "anomaly_map_mode": "likelihood", "nfa_window_size": 7, "nfa_probability_thr": 0.5}
+                "lr": 1e-3, "anomaly_map_mode": "likelihood", "nfa_window_size": 7, "nfa_probability_thr": 0.5,
+                "loss_z_reduction": "batch_sum"}
+    settings_added_later = {"loss_z_reduction": "per_sample"}
     default_epochs = 200  # examples/configs/model/uflow.yaml (early stopping on pixel AUROC, patience 20)
+    default_patience = 20  # anomalib's EarlyStopping patience for U-Flow
     has_frozen_part = True
     needs_images_with_frozen = False
     test_preset = {"flow_steps": 2, "affine_subnet_channels_ratio": 0.5}  # tests/test_zoo.py: a tiny offline instance
@@ -125,6 +131,8 @@ class Uflow(AnomalyModel):
         self._check_setting("lr", is_number(s["lr"], 0, low_open=True), "a number > 0")
         self._check_setting("anomaly_map_mode", s["anomaly_map_mode"] in ("likelihood", "nfa"),
                             "'likelihood' or 'nfa'")
+        self._check_setting("loss_z_reduction", s["loss_z_reduction"] in ("batch_sum", "per_sample"),
+                            "'batch_sum' (anomalib's) or 'per_sample'")
         self._check_setting("nfa_window_size", is_int(s["nfa_window_size"], 3), "an integer >= 3")
         self._check_setting("nfa_probability_thr", is_number(s["nfa_probability_thr"], 0, 1, low_open=True)
                             and s["nfa_probability_thr"] < 1, "a number in (0, 1)")
@@ -154,7 +162,7 @@ class Uflow(AnomalyModel):
                 ) -> dict[str, torch.Tensor] | AnomalyOutput:
         z, log_jac = self.latents(images, frozen)
         if self.training:
-            return {"loss": self.loss(z, log_jac)}
+            return {"loss": self.loss(z, log_jac, self.settings["loss_z_reduction"])}
         if self.settings["anomaly_map_mode"] == "nfa":
             anomaly_map = self.minus_log10_nfa(z)
         else:
@@ -180,9 +188,21 @@ class Uflow(AnomalyModel):
 
     # -- training ----------------------------------------------------------------------------------
     @staticmethod
-    def loss(z: list[torch.Tensor], log_jac: torch.Tensor) -> torch.Tensor:
-        """anomalib's UFlowLoss: batch mean of sum over levels of 0.5 * ||z||^2, minus log|det J|."""
-        return (sum(0.5 * zi.pow(2).sum(dim=(1, 2, 3)) for zi in z) - log_jac).mean()
+    def loss(z: list[torch.Tensor], log_jac: torch.Tensor, z_reduction: str = "batch_sum") -> torch.Tensor:
+        """"batch_sum", anomalib's UFlowLoss: sum over levels and the batch of 0.5 * ||z||^2, minus the batch
+        mean of log|det J|. "per_sample": the batch mean of (sum over levels of 0.5 * ||z||^2 - log|det J|).
+
+        Under DDP the runner averages gradients of a per-sample-mean loss weighted by each worker's share, so
+        "batch_sum" is written as the batch mean of (B * lpz_i - log|det J_i|) with B the global batch (this
+        worker's batch x the world size): equal to anomalib's loss in one process, and N workers x b take the
+        step one worker x N*b takes (an epoch's last, uneven batch counted as even)."""
+        lpz = sum(0.5 * zi.pow(2).sum(dim=(1, 2, 3)) for zi in z)
+        if z_reduction == "per_sample":
+            return (lpz - log_jac).mean()
+        from ... import distributed
+
+        global_batch = lpz.shape[0] * distributed.world_size()
+        return (global_batch * lpz - log_jac).mean()
 
     def configure_optimizers(self):
         lr = float(self.settings["lr"])
@@ -203,4 +223,4 @@ class Uflow(AnomalyModel):
 
     def train_step(self, ctx: StepContext) -> None:
         z, log_jac = self.latents(ctx.batch.get("image"), ctx.batch.get("frozen"), head=ctx.modules["head"])
-        ctx.optimize("main", self.loss(z, log_jac))
+        ctx.optimize("main", self.loss(z, log_jac, self.settings["loss_z_reduction"]))
