@@ -10,6 +10,7 @@ folder given by mistake.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -33,16 +34,44 @@ def _clear(out: Path) -> None:
             child.unlink()  # a link is removed, never what it points to
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+RESUME_FILE = ".raylib_ad_resume.json"  # the options of a training run that has not finished yet
+
+
+def unfinished_fit(out: Path, fingerprint: str | None) -> str | None:
+    """The name of the Ray Train run an interrupted (killed, stalled) training left in ``out`` for the
+    same options, so that the same command resumes it from its latest checkpoint; None otherwise."""
+    try:
+        saved = json.loads((out / RESUME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if fingerprint is None or saved.get("fingerprint") != fingerprint or (out / "metrics.json").exists():
+        return None
+    fit = out / "ray_results" / str(saved.get("fit", ""))
+    return fit.name if fit.is_dir() and any(fit.glob("checkpoint_*")) else None
+
+
+def mark_unfinished(out: Path, fingerprint: str, fit: str) -> None:
+    (out / RESUME_FILE).write_text(json.dumps({"fingerprint": fingerprint, "fit": fit}))
+
+
+def mark_finished(out: Path) -> None:
+    (out / RESUME_FILE).unlink(missing_ok=True)
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False, *, resume_fingerprint: str | None = None) -> Path:
     """Create ``out`` (or accept it when empty) and return it as an absolute path, marked as a run.
 
     Non-empty ``out``: ConfigError naming it and ``--overwrite``, unless ``overwrite``; with
-    ``overwrite`` its contents are removed first, if it is a raylib_ad output directory.
+    ``overwrite`` its contents are removed first, if it is a raylib_ad output directory. A training
+    run that was interrupted in ``out`` with the same options (``resume_fingerprint``) is kept: the
+    same command resumes it.
     """
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory; choose a directory path")
     contents = [p for p in out.iterdir() if p.name != MARKER] if out.is_dir() else []
+    if contents and not overwrite and unfinished_fit(out, resume_fingerprint):
+        return out
     if contents:
         if not overwrite:
             raise ConfigError(f"--out {out} is not empty (it holds {_sample(contents)}); pass --overwrite "

@@ -216,13 +216,20 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+# DSR's main stage quantizes its modules' outputs to the nearest code: after one step, 1 and 2 workers differ by
+# rounding, and a near tie may flip a code in the next step (1.3e-5 where 0.1 % of the update allowed 6e-6,
+# with this machine's packages of 2026-12-08). 1 % of the update still fails a wrongly weighted loss (~100 %).
+UPDATE_SHARE = {"dsr": 1e-2}
+
+
 def _assert_close(got: dict, expected: dict, before: dict, what: str) -> None:
-    """Each parameter within 0.1 % of the step's update to it, plus float32 rounding of its value: a
-    worker weighting its loss wrongly, or a gradient left out of the average, is off by far more."""
+    """Each parameter within 0.1 % of the step's update to it (UPDATE_SHARE), plus float32 rounding of its
+    value: a worker weighting its loss wrongly, or a gradient left out of the average, is off by far more."""
     assert got.keys() == expected.keys(), what
+    share = UPDATE_SHARE.get(what.split()[0], 1e-3)
     for key, value in expected.items():
         error = float((got[key] - value).norm())
-        allowed = 1e-3 * float((value - before[key]).norm()) + 1e-6 * float(value.norm()) + 1e-7
+        allowed = share * float((value - before[key]).norm()) + 1e-6 * float(value.norm()) + 1e-7
         assert error <= allowed, f"{what} {key}: off by {error:.3g} (allowed {allowed:.3g})"
 
 

@@ -55,3 +55,19 @@ def test_a_file_is_not_an_output_directory(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         prepare_out_dir(tmp_path / "f", overwrite=True)
+
+
+def test_the_same_command_resumes_an_interrupted_run_and_other_options_are_refused(tmp_path):
+    from raylib_ad.outdir import mark_finished, mark_unfinished, unfinished_fit
+
+    out = prepare_out_dir(tmp_path / "run")
+    checkpoint = out / "ray_results" / "fit-1" / "checkpoint_2026-12-08_01-00-00"
+    checkpoint.mkdir(parents=True)
+    (out / "ray.log").write_text("...")
+    mark_unfinished(out, "same-options", "fit-1")  # a run killed or stalled after its first checkpoint
+    assert prepare_out_dir(out, resume_fingerprint="same-options") == out  # kept, not refused or cleared
+    assert unfinished_fit(out, "same-options") == "fit-1" and checkpoint.is_dir()
+    with pytest.raises(ConfigError, match="--overwrite"):  # another command must still say --overwrite
+        prepare_out_dir(out, resume_fingerprint="other-options")
+    mark_finished(out)  # a finished run is never resumed
+    assert unfinished_fit(out, "same-options") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 import subprocess
 import sys
@@ -84,9 +86,10 @@ def test_train_cli_end_to_end(ray_cluster, synthetic_root, tmp_path, monkeypatch
 
     import mlflow
 
-    run = mlflow.get_run(metrics["mlflow_run_id"])
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not an earlier test's global URI
+    run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "plots"} <= artifacts
     # the run spans the training it records; its params are the user's options, paths absolute
     assert (run.info.end_time - run.info.start_time) / 1000 >= metrics["fit_seconds"]

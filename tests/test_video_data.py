@@ -4,6 +4,8 @@ user gets before any worker starts, and per-frame scoring of a posted clip. Ray 
 
 from __future__ import annotations
 
+import os
+
 import io
 import json
 from pathlib import Path
@@ -395,7 +397,8 @@ def test_train_ai_vad_on_synthetic_video_end_to_end(ray_cluster, synthetic, tmp_
 
     import mlflow
 
-    run = mlflow.get_run(metrics["mlflow_run_id"])
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not an earlier test's global URI
+    run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
 
     from raylib_ad.artifact import load

@@ -94,7 +94,8 @@ def test_a_worker_that_stops_making_progress_stops_the_run_with_its_last_step(ra
 
     marker = tmp_path / "hung"
     with pytest.raises(RunStalledError) as stalled:
-        _fit(synthetic_root, tmp_path, stall_minutes=0.25,
+        # A minute: longer than the workers take to start on a busy machine, so only the hang stalls.
+        _fit(synthetic_root, tmp_path, stall_minutes=1.0,
              faults={"at": "pass", "count": 1, "batch": 1, "rank": 1, "action": "hang", "marker": str(marker)})
     assert marker.exists()
     message = str(stalled.value)

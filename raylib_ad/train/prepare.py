@@ -46,6 +46,8 @@ class PreparedRun:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     batch_size: int  # the global training batch: --batch-size, else the model's default (at least 1 per worker)
+    resume_fit: str | None = None  # the Ray Train run an interrupted run of the same command left in --out
+    fingerprint: str = ""  # the options that make "the same command" (train/run.py options_fingerprint)
 
     @property
     def val_rows(self) -> pa.Table:

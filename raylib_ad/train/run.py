@@ -8,6 +8,8 @@ directory -> MLflow.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import shutil
 import sys
@@ -23,7 +25,7 @@ from raylib_ad.evaluation import score_split, split_scoring_on_ray
 from raylib_ad.options import TrainOptions
 from raylib_ad.postprocess.report import evaluation_report, threshold_free_metrics
 from raylib_ad.tracking.mlflow_run import TrainingRun, run_params
-from raylib_ad.outdir import prepare_out_dir
+from raylib_ad.outdir import mark_finished, mark_unfinished, prepare_out_dir, unfinished_fit
 from raylib_ad.train.outputs import RANDOM_WEIGHTS_NOTE, evaluate_on_test, plot_history, random_weights, summary_table
 from raylib_ad.train.outputs import threshold_warnings
 from raylib_ad.train.stored import write_scores
@@ -39,9 +41,20 @@ WORKER_KEYS = ("fit_compute_seconds", "memory_bank_rows", "feature_seconds", "co
                "steps_run", "val_ties", "validation_note")
 
 
+def options_fingerprint(options: dict[str, Any]) -> str:
+    """What makes two `train` commands the same run: the user's options (paths absolute), not the plumbing."""
+    text = json.dumps(run_params(options), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_training(options: TrainOptions) -> dict[str, Any]:
     run = prepare(options)  # bad options fail here, before an earlier run in --out is touched
-    out = prepare_out_dir(options.out, options.overwrite)
+    fingerprint = options_fingerprint(options.to_dict())
+    out = prepare_out_dir(options.out, options.overwrite, resume_fingerprint=fingerprint)
+    run.resume_fit = unfinished_fit(out, fingerprint)  # an interrupted run of the same command: resumed
+    if run.resume_fit:
+        print(f"[raylib_ad] resuming the unfinished run in {out} from its latest checkpoint", file=sys.stderr)
+    run.fingerprint = fingerprint
     run.write_split_csv(out)
     console = install_console(out / "ray.log", verbose=options.verbose, progress=options.progress)
     print(f"[raylib_ad] Ray's own output goes to {console.log_file} (--verbose prints it too)", file=sys.stderr)
@@ -127,11 +140,13 @@ def fit_on_cluster(run: PreparedRun, out: Path, callbacks=None):
     console = current_console()
     if console is not None:
         console.attach_ray()
+    fit_name = run.resume_fit or f"fit-{int(time.time())}"
+    mark_unfinished(out, run.fingerprint, fit_name)  # until the run ends, the same command resumes it
     fit = fit_on_ray(run.cls.name, run.model_kwargs, run.train_rows, run.val_rows, runner_config(run),
                      workers=o.workers, gpus_per_worker=o.gpus_per_worker,
                      cpus_per_worker=cpus_per_worker(cluster_cpus(), o.workers, o.cpus_per_worker,
                                                      largest_node_cpus=largest_node_cpus()),
-                     storage_path=str(out / "ray_results"), run_name=f"fit-{int(time.time())}", callbacks=callbacks,
+                     storage_path=str(out / "ray_results"), run_name=fit_name, callbacks=callbacks,
                      relay_progress=console is not None and o.progress)
     digests = fit.metrics.get("worker_digests")  # reported by recipes whose workers must agree bitwise
     if digests and len(set(digests)) != 1:
@@ -189,6 +204,7 @@ def _install_model(fitted_dir: str | Path, out: Path) -> Path:
         shutil.rmtree(final_dir)
     shutil.move(str(fitted_dir), str(final_dir))  # a rename on the same file system
     shutil.rmtree(out / "ray_results", ignore_errors=True)
+    mark_finished(out)  # nothing left to resume
     return final_dir
 
 
