@@ -42,6 +42,16 @@ def _fit(synthetic_root, storage, name, *, faults=None, **runner):
     return fit, read_model(fit.model_dir).state_dict()
 
 
+_REFERENCES: dict[str, dict] = {}
+
+
+def _reference(synthetic_root, tmp_path_factory, name, **runner):
+    """The undisturbed run's model, fitted once per model for all the phases compared with it."""
+    if name not in _REFERENCES:
+        _REFERENCES[name] = _fit(synthetic_root, tmp_path_factory.mktemp("ref"), name, **runner)[1]
+    return _REFERENCES[name]
+
+
 def _assert_same_model(expected, got, atol=0.0):
     assert expected.keys() == got.keys()
     for key, value in expected.items():
@@ -57,7 +67,7 @@ def _assert_same_model(expected, got, atol=0.0):
 ])
 def test_padim_killed_at_each_phase_ends_with_the_undisturbed_statistics(
         phase, faults, ray_cluster, synthetic_root, tmp_path_factory, lite0_available, busy_neighbour):
-    _, reference = _fit(synthetic_root, tmp_path_factory.mktemp("ref"), "padim")
+    reference = _reference(synthetic_root, tmp_path_factory, "padim")
     marker = tmp_path_factory.mktemp("marker") / "killed"
     fit, state = _fit(synthetic_root, tmp_path_factory.mktemp("faulted"), "padim",
                       faults={**faults, "rank": 1, "marker": str(marker)})
@@ -68,7 +78,7 @@ def test_padim_killed_at_each_phase_ends_with_the_undisturbed_statistics(
 @pytest.mark.parametrize("phase", ["in an optimize epoch", "after writing a checkpoint, before reporting it"])
 def test_stfpm_killed_at_each_phase_ends_with_the_undisturbed_weights(
         phase, ray_cluster, synthetic_root, tmp_path_factory, lite0_available, busy_neighbour):
-    _, reference = _fit(synthetic_root, tmp_path_factory.mktemp("ref"), "stfpm", max_epochs=2)
+    reference = _reference(synthetic_root, tmp_path_factory, "stfpm", max_epochs=2)
     marker = tmp_path_factory.mktemp("marker") / "killed"
     if phase == "in an optimize epoch":  # rank 1 dies a few seconds into epoch 2: resumes from epoch 1's checkpoint
         kwargs = {"test_hooks": {"fail_once_at_epoch": 1, "fail_marker": str(marker), "fail_after_s": 4.0}}

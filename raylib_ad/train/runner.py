@@ -194,6 +194,17 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
         cache = FrozenFeatureCache(config.feature_cache_mb * 2**20, keep_images=stage.needs_images_with_frozen)
     extra = {s.name: cycle_images(s, config, io.rank, io.device) for s in stage.extra_streams}
     epoch = progress["epoch"] + 1
+    refilled_epoch = None
+    if cache is not None and epoch > 0:
+        # Resumed after the stage's first epoch: an undisturbed run trains this epoch from the cache, on
+        # shuffled batches. Fill the cache first with a pass that trains nothing, so that the resumed run
+        # replays the same batches and ends with the same weights (tests/test_faults.py).
+        model.eval()
+        for item in io.train_batches(worker_batch):
+            images = _images(item).to(io.device)
+            cache.add(images, _frozen_features(stage, images, use_amp))
+        cache.seal()
+        refilled_epoch = epoch
     next_point = None  # the next in-epoch validation, in seconds of the run's clock
     if config.val_every_minutes and stage.validate:
         every = 60 * config.val_every_minutes
@@ -294,6 +305,8 @@ def _optimize(model, stage: Optimize, index: int, io: WorkerIO, config: RunnerCo
                     spec.scheduler.step()
             train_seconds = time.perf_counter() - epoch_start
             metrics = _epoch_metrics(stage, epoch, sums, seen, waited, train_seconds, from_cache, io)
+            if epoch == refilled_epoch:
+                metrics["cache_refilled_after_restore"] = True
             if stage.validate:
                 val = io.val_batches(worker_batch)
                 if val is not None:
