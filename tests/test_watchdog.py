@@ -49,7 +49,7 @@ def test_a_worker_killed_by_rays_memory_monitor_is_said_as_such():
 
     # rank 0's error is the model's (a user exception); rank 1 was killed for memory: the death wins.
     lost = _lost_worker(Failed(), None)
-    assert lost.startswith("rank 1 killed for memory")
+    assert lost.startswith("rank 1 was killed for memory")
 
 
 def _rows(synthetic_root, n=8):
@@ -123,7 +123,9 @@ def test_the_same_train_command_resumes_a_killed_run_from_its_checkpoint(synthet
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + 300
-    while not list(out.glob("ray_results/fit-*/checkpoint_*")) and time.monotonic() < deadline:
+    # Killed once Ray Train has recorded a checkpoint in its run state (what a restart restores from).
+    while (not any("checkpoint_" in p.read_text() for p in out.glob("ray_results/fit-*/checkpoint_manager_snapshot.json"))
+           and time.monotonic() < deadline):
         assert first.poll() is None, "the first run ended before its first checkpoint"
         time.sleep(0.5)
     time.sleep(1.0)  # the checkpoint's files are moved into place as one directory; let it settle
@@ -140,3 +142,47 @@ def test_the_same_train_command_resumes_a_killed_run_from_its_checkpoint(synthet
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert any(h.get("cache_refilled_after_restore") for h in history[1:])
     assert not (out / ".raylib_ad_resume.json").exists()  # finished: nothing left to resume
+
+
+_KILLED_FOR_MEMORY = r'''
+import os, sys
+import ray, psutil  # Ray first: it brings psutil
+mem = psutil.virtual_memory()
+# Ray's memory monitor kills a worker once the node's memory in use passes this fraction: 4 GiB above what is
+# in use now (room for this run's own processes); the hogging worker takes 6 GiB.
+os.environ["RAY_memory_usage_threshold"] = f"{(mem.total - mem.available + 4 * 2**30) / mem.total:.4f}"
+os.environ["RAY_memory_monitor_refresh_ms"] = "100"
+import pyarrow.compute as pc
+ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+from raylib_ad.data import build_manifest
+from raylib_ad.train.ray_train import fit_on_ray
+from raylib_ad.train.runner import RunnerConfig
+table = build_manifest("synthetic", sys.argv[1], "widget")
+rows = table.filter(pc.equal(table.column("split"), "train")).slice(0, 8)
+config = RunnerConfig(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, batch_size=4)
+fit = fit_on_ray("padim", {"backbone": "tf_efficientnet_lite0", "image_size": 32}, rows, None, config, workers=2,
+                 cpus_per_worker=0.5, gpus_per_worker=0, storage_path=sys.argv[2], run_name="run",
+                 faults={"at": "pass", "count": 1, "batch": 1, "rank": 1, "action": "hog", "hog_gib": 6,
+                         "marker": sys.argv[2] + "/hogged"})
+print("restarts", fit.restarts)
+'''
+
+
+@pytest.mark.ray
+def test_a_worker_killed_by_rays_memory_monitor_is_said_as_such_and_the_run_finishes(synthetic_root, tmp_path,
+                                                                                    lite0_available):
+    """Ray's real memory monitor, on a private Ray whose threshold sits just above what the machine uses:
+    the worker that takes 6 GiB is killed, the run says so with the figures and what to change, restarts
+    and finishes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", _KILLED_FOR_MEMORY, str(synthetic_root), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said[-3000:]
+    assert (tmp_path / "hogged").exists()
+    assert "was killed for memory by Ray's memory monitor (this node:" in said, said[-3000:]
+    assert "use fewer --workers, a smaller --batch-size or a smaller --image-size" in said

@@ -39,4 +39,4 @@ def manifest_to_dataset(
     # (docs/design.md, "A run never hangs"). A task that needs no CPU can always start; the cap
     # keeps decoding from crowding the training threads.
     return ray.data.from_arrow(blocks).map_batches(decoder, batch_format="numpy", num_cpus=0,
-                                                   concurrency=max(1, int(decode_tasks)))
+                                                   compute=ray.data.TaskPoolStrategy(size=max(1, int(decode_tasks))))

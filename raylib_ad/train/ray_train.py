@@ -90,6 +90,10 @@ class RayWorkerIO:
         Path(plan["marker"]).write_text(f"{where} {count} batch {batch}")
         if plan.get("action") == "hang":
             time.sleep(10**6)
+        if plan.get("action") == "hog":  # hold memory until Ray's memory monitor ends this worker
+            hog = bytearray(int(plan["hog_gib"] * 2**30))
+            hog[::4096] = b"\1" * len(range(0, len(hog), 4096))  # touch every page: resident, not just reserved
+            time.sleep(120)
         os._exit(1)
 
     def _beating(self, batches, what: str):
@@ -230,7 +234,7 @@ def fit_on_ray(
                 raise RuntimeError(f"{model}: workers were lost {restarts + 1} times ({lost}); giving up "
                                    f"(the last checkpoint is under {storage_path}/{run_name}){advice}") from error
             restarts += 1
-            what = "a worker was " + (lost if "killed for memory" in lost else f"lost ({lost})")
+            what = lost if "killed for memory" in lost else f"a worker was lost ({lost})"
             print(f"[raylib_ad] {what}; restarting from the latest checkpoint ({restarts}/{max_failures}){advice}",
                   flush=True)
     if result.checkpoint is None:
@@ -267,7 +271,7 @@ def _lost_worker(error: BaseException, oom_kills_before: int | None = None) -> s
     for rank, failure in sorted(failures.items()):
         if _user_exception(failure) is None:
             memory = memory_kill(failure, oom_kills_before)
-            return f"rank {rank} {memory}" if memory else f"rank {rank}: {type(failure).__name__}"
+            return f"rank {rank} was {memory}" if memory else f"rank {rank}: {type(failure).__name__}"
     return None
 
 
