@@ -103,47 +103,6 @@ def test_a_worker_that_stops_making_progress_stops_the_run_with_its_last_step(ra
     assert "waited for their data or for each other" in message
 
 
-@pytest.mark.ray
-def test_the_same_train_command_resumes_a_killed_run_from_its_checkpoint(synthetic_root, tmp_path, lite0_available):
-    """`raylib-ad train` killed (driver and its private Ray) after its first epoch's checkpoint; the same
-    command on the same --out resumes from that checkpoint instead of refusing the folder or starting over."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "raylib_ad.cli", "train", "--model", "stfpm", "--data", "synthetic",
-               "--root", str(synthetic_root), "--category", "widget", "--backbone", "tf_efficientnet_lite0",
-               "--image-size", "64", "--workers", "1", "--max-epochs", "3", "--no-mlflow", "--no-progress",
-               "--local-ray", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.monotonic() + 300
-    # Killed once Ray Train has recorded a checkpoint in its run state (what a restart restores from).
-    while (not any("checkpoint_" in p.read_text() for p in out.glob("ray_results/fit-*/checkpoint_manager_snapshot.json"))
-           and time.monotonic() < deadline):
-        assert first.poll() is None, "the first run ended before its first checkpoint"
-        time.sleep(0.5)
-    time.sleep(1.0)  # the checkpoint's files are moved into place as one directory; let it settle
-    os.killpg(first.pid, signal.SIGKILL)  # the driver, its private Ray and the workers
-    first.wait()
-    assert not (out / "metrics.json").exists()
-
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming the unfinished run" in again.stderr
-    history = json.loads((out / "history.json").read_text())
-    # Epoch 1 (or 2) restored from the killed run's checkpoint: the resumed worker refilled its feature
-    # cache before the next epoch. Started over, nothing would have been refilled.
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert any(h.get("cache_refilled_after_restore") for h in history[1:])
-    assert not (out / ".raylib_ad_resume.json").exists()  # finished: nothing left to resume
-
-
 _KILLED_FOR_MEMORY = r'''
 import os, sys
 import ray, psutil  # Ray first: it brings psutil
