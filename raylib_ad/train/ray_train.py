@@ -265,7 +265,8 @@ def _lost_worker(error: BaseException, oom_kills_before: int | None = None) -> s
     if failures is None:  # the controller itself failed: not the model's doing
         if isinstance(error, (ValueError, TypeError)):
             return None
-        return memory_kill(error, oom_kills_before) or type(error).__name__
+        memory = memory_kill(error, oom_kills_before)
+        return f"a worker was {memory}" if memory else type(error).__name__
     # When one worker dies the others fail in their next collective ("connection closed by peer"): a
     # death anywhere wins. Deaths show up as health-check failures or actor errors, not user exceptions.
     for rank, failure in sorted(failures.items()):
